@@ -1,0 +1,261 @@
+"""Typed configs for the model, the data and the training loop, loaded from YAML.
+
+One owner per value: DeepSpeed runtime values (batch sizes, precision, ZeRO stage, clipping,
+offload) live only in ds_configs/*.json and are read back from the engine; nothing here sets them.
+Unknown keys and wrong types are errors that name the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+KernelBackend = Literal["auto", "torch", "triton"]
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The RoBERTa architecture (field meanings follow transformers' RobertaConfig)."""
+
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    # RoBERTa offsets positions by padding_idx + 1, so 512 tokens need 514 rows.
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    # Which implementation runs the hot ops: 'triton' (fused kernels, needs CUDA), 'torch'
+    # (the pure-PyTorch references), or 'auto' (triton on CUDA, torch elsewhere).
+    kernels: KernelBackend = "auto"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ConfigError(f"model.{name}={p} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest input the position table allows (RoBERTa reserves padding_idx + 1 rows)."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough to train for real on a 2-core CPU; vocab comes from the tokenizer trained on the corpus.
+    "tiny": dict(
+        vocab_size=8192, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
+        max_position_embeddings=514,
+    ),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),  # 125M
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),  # 355M
+}
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return ModelConfig(**{**MODEL_PRESETS[name], **overrides})
+
+
+@dataclass
+class DataConfig:
+    """Where the packed token shards come from (see roberta_ds/data/prepare.py)."""
+
+    # A dataset folder written by `python -m roberta_ds.prepare`, or 'builtin' for the built-in
+    # corpus, prepared on first use into `cache_dir`.
+    dataset: str = "builtin"
+    cache_dir: str = "data_cache"
+    # Only used when dataset == 'builtin': the tokenizer to use or 'train' for a new byte-level BPE.
+    tokenizer: str = "train"
+    vocab_size: int = 8192
+    seq_len: int = 128
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    # Stop attention at document boundaries inside a packed block (Triton kernel and reference both).
+    document_mask: bool = False
+    num_workers: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe (RoBERTa: Liu et al. 2019, Table 9) and the run's bookkeeping."""
+
+    run_dir: str = "runs/default"
+    seed: int = 1234
+    max_steps: int = 1000
+    lr: float = 6e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_last: int = 2
+    # Continued pretraining: a Hugging Face RobertaForMaskedLM folder to start from.
+    init_from_hf: str | None = None
+    # Resume from a run folder or checkpoint ('auto' = this run_dir's latest if present).
+    resume: str | None = "auto"
+    # Stop cleanly (checkpoint, exit code 99 unless overridden) after this many minutes.
+    time_limit_minutes: float | None = None
+    preempt_signal: str = "SIGUSR1"
+    max_nonfinite_steps: int = 5
+    # Peak dense FLOP/s of one device for MFU; None = look the device up in training/metrics.py.
+    peak_flops: float | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Name of the preset the model section started from (recorded for humans).
+    preset: str = "tiny"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train"]["betas"] = list(d["train"]["betas"])
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Loading with errors for people
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
+    """cls(**values) with unknown keys and wrong types reported as `where.key`."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
+    checked = {k: _check_value(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**checked)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and ctx_mark:  # e.g. "while parsing a flow sequence" that opened on an earlier line
+            problem += f" ({ctx} at line {ctx_mark.line + 1})"
+        raise ConfigError(f"{path}:{loc}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with model/data/train sections")
+    return data
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a run YAML: `model: {preset: tiny, ...overrides}`, `data: {...}`, `train: {...}`."""
+    raw = load_yaml(path) if path is not None else {}
+    src = str(path) if path is not None else "<defaults>"
+    unknown = sorted(set(raw) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"{src}: unknown section {unknown[0]!r} (sections: model, data, train)")
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    model_raw = dict(raw.get("model") or {})
+    preset = model_raw.pop("preset", "tiny")
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"{src}: model.preset: unknown preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
+    model = build_dataclass(ModelConfig, {**MODEL_PRESETS[preset], **model_raw}, f"{src}: model")
+    data = build_dataclass(DataConfig, dict(raw.get("data") or {}), f"{src}: data")
+    train = build_dataclass(TrainConfig, dict(raw.get("train") or {}), f"{src}: train")
+    if data.seq_len > model.max_seq_len:
+        raise ConfigError(
+            f"{src}: data.seq_len={data.seq_len} is above the model's {model.max_seq_len} positions "
+            f"(model.max_position_embeddings={model.max_position_embeddings} minus padding_idx + 1)"
+        )
+    return RunConfig(model=model, data=data, train=train, preset=preset)

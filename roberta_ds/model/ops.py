@@ -1,0 +1,67 @@
+"""The narrow interface between the model and kernels/: four hot ops, one backend switch.
+
+`resolve_ops('auto'|'torch'|'triton', device)` returns the functions the model calls. 'auto' picks
+Triton on CUDA and the PyTorch references elsewhere; asking for Triton where it cannot run is an
+error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import kernels
+
+
+@dataclass(frozen=True)
+class Ops:
+    backend: str
+    attention: Callable  # (q, k, v, key_padding_mask, softmax_scale, segment_ids, dropout_p) -> out
+    layer_norm: Callable  # (x, weight, bias, eps, residual, dropout_p) -> LayerNorm(dropout(x) + residual)
+    bias_gelu: Callable  # (x, bias) -> gelu(x + bias)
+    cross_entropy: Callable  # (logits, labels, ignore_index) -> mean loss over non-ignored rows
+
+
+def triton_usable(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cuda":
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, (
+        f"kernels='triton' needs a CUDA device (the model is on {device}); set TRITON_INTERPRET=1 "
+        "before importing to run the kernels in Triton's CPU interpreter (slow, for tests), "
+        "or use kernels='torch'/'auto'"
+    )
+
+
+def resolve_ops(backend: str, device: torch.device) -> Ops:
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return Ops(
+            "torch",
+            attention=kernels.attention_ref,
+            layer_norm=_layer_norm_ref_training,
+            bias_gelu=kernels.bias_gelu_ref,
+            cross_entropy=kernels.cross_entropy_ref,
+        )
+    if backend == "triton":
+        ok, why = triton_usable(device)
+        if not ok:
+            raise RuntimeError(why)
+        return Ops(
+            "triton",
+            attention=kernels.attention,
+            layer_norm=kernels.layer_norm,
+            bias_gelu=kernels.bias_gelu,
+            cross_entropy=kernels.cross_entropy,
+        )
+    raise ValueError(f"unknown kernels backend {backend!r}; choose 'auto', 'torch' or 'triton'")
+
+
+def _layer_norm_ref_training(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
+    # The model passes dropout_p=0 in eval mode, so the reference always applies what it is given.
+    return kernels.layer_norm_ref(x, weight, bias, eps, residual, dropout_p, training=True)

@@ -1,0 +1,119 @@
+"""RobertaMLM: the RoBERTa encoder with its masked-LM head, weight-exact with transformers'
+RobertaForMaskedLM (see model/hf.py for the state-dict mapping).
+
+Legend: B batch, S sequence, D hidden, H heads, V vocabulary, N selected (masked) tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from roberta_ds.config import ModelConfig
+from roberta_ds.model.embeddings import Embeddings
+from roberta_ds.model.layer import EncoderLayer, MLMHead
+from roberta_ds.model.ops import Ops, resolve_ops
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MLMOutput:
+    loss: torch.Tensor | None = None  # () fp32, mean over masked tokens
+    logits: torch.Tensor | None = None  # (B, S, V) without labels; (N, V) masked rows with labels
+    num_masked: torch.Tensor | None = None  # () int64, tokens that contributed to the loss
+    correct: torch.Tensor | None = None  # () int64, masked tokens predicted right (argmax)
+
+
+class RobertaMLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.head = MLMHead(cfg)
+        self._ops: Ops | None = None
+        self._ops_key: tuple | None = None
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers' RobertaPreTrainedModel._init_weights: N(0, 0.02), zero biases, the padding row zero.
+        std = self.cfg.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def ops(self) -> Ops:
+        key = (self.cfg.kernels, self.embeddings.word.weight.device)
+        if self._ops_key != key:  # resolved once per (backend, device), not per call
+            self._ops, self._ops_key = resolve_ops(*key), key
+        return self._ops
+
+    def set_kernels(self, backend: str) -> None:
+        """Switch between 'torch', 'triton' and 'auto' at run time."""
+        self.cfg.kernels = backend
+
+    def encode(
+        self,
+        input_ids_BS: torch.Tensor,
+        attention_mask_BS: torch.Tensor | None = None,
+        segment_ids_BS: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # (B, S, D)
+        ops = self.ops
+        key_padding_mask_BS = attention_mask_BS.bool() if attention_mask_BS is not None else None
+        x_BSD = self.embeddings(input_ids_BS, ops)
+        for layer in self.layers:
+            x_BSD = layer(x_BSD, key_padding_mask_BS, segment_ids_BS, ops)
+        return x_BSD
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, S) int64
+        attention_mask: torch.Tensor | None = None,  # (B, S), 1 = real token
+        labels: torch.Tensor | None = None,  # (B, S) int64, -100 where no loss
+        segment_ids: torch.Tensor | None = None,  # (B, S) document ids inside packed blocks
+    ) -> MLMOutput:
+        x_BSD = self.encode(input_ids, attention_mask, segment_ids)
+        word_VD = self.embeddings.word.weight
+        if labels is None:
+            return MLMOutput(logits=self.head(x_BSD, word_VD, self.ops))
+        # Masked-only head: gather the ~15% labelled rows first, so the (tokens, V) projection and
+        # the loss run on N = 0.15 * B * S rows instead of all of them.
+        labels_flat = labels.reshape(-1)
+        sel_N = (labels_flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+        x_ND = x_BSD.reshape(-1, x_BSD.shape[-1]).index_select(0, sel_N)
+        labels_N = labels_flat.index_select(0, sel_N)
+        logits_NV = self.head(x_ND, word_VD, self.ops)
+        loss = self.ops.cross_entropy(logits_NV, labels_N, ignore_index=IGNORE_INDEX)
+        with torch.no_grad():
+            correct = (logits_NV.argmax(-1) == labels_N).sum()
+        return MLMOutput(loss=loss, logits=logits_NV, num_masked=sel_N.new_tensor(sel_N.numel()),
+                         correct=correct)
+
+    def num_parameters(self) -> int:
+        """Parameters counted once (the decoder shares the word embeddings)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int, mlm_fraction: float = 0.15) -> float:
+        """Training FLOPs per input token (forward + backward = 3x forward, matmuls only).
+
+        Per layer: QKV 6D^2, attention output 2D^2, FFN 4DF (x2 for multiply-add), scores and
+        weighted sum 4SD; the head: dense 2D^2 + decoder 2DV on the masked fraction only.
+        """
+        c = self.cfg
+        D, F_, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_layers
+        per_layer = 2 * (4 * D * D + 2 * D * F_) + 4 * seq_len * D
+        head = mlm_fraction * (2 * D * D + 2 * D * V)
+        return 3.0 * (L * per_layer + head)
