@@ -69,7 +69,11 @@ class ModelConfig:
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to train for real on a 2-core CPU; vocab comes from the tokenizer trained on the corpus.
     "tiny": dict(
-        vocab_size=8192, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
+        vocab_size=8192,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=512,
         max_position_embeddings=514,
     ),
     "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),  # 125M
@@ -249,7 +253,9 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
     model_raw = dict(raw.get("model") or {})
     preset = model_raw.pop("preset", "tiny")
     if preset not in MODEL_PRESETS:
-        raise ConfigError(f"{src}: model.preset: unknown preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
+        raise ConfigError(
+            f"{src}: model.preset: unknown preset {preset!r}; choose from {sorted(MODEL_PRESETS)}"
+        )
     model = build_dataclass(ModelConfig, {**MODEL_PRESETS[preset], **model_raw}, f"{src}: model")
     data = build_dataclass(DataConfig, dict(raw.get("data") or {}), f"{src}: data")
     train = build_dataclass(TrainConfig, dict(raw.get("train") or {}), f"{src}: train")

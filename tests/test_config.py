@@ -10,7 +10,9 @@ def write(tmp_path, text):
 
 
 def test_valid_config_applies_preset_and_overrides(tmp_path):
-    cfg = load_run_config(write(tmp_path, "model:\n  preset: base\n  hidden_dropout: 0.0\ntrain:\n  lr: 1e-4\n"))
+    cfg = load_run_config(
+        write(tmp_path, "model:\n  preset: base\n  hidden_dropout: 0.0\ntrain:\n  lr: 1e-4\n")
+    )
     assert cfg.model.hidden_size == 768 and cfg.model.hidden_dropout == 0.0 and cfg.train.lr == 1e-4
     assert cfg.train.betas == (0.9, 0.98) and cfg.train.eps == 1e-6 and cfg.train.weight_decay == 0.01
 

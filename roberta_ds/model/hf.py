@@ -42,7 +42,9 @@ _TOP_RENAMES = {
 
 def model_config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
     if getattr(hf_config, "hidden_act", "gelu") != "gelu":
-        raise ValueError(f"only exact GELU is supported, the checkpoint uses hidden_act={hf_config.hidden_act!r}")
+        raise ValueError(
+            f"only exact GELU is supported, the checkpoint uses hidden_act={hf_config.hidden_act!r}"
+        )
     if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
         raise ValueError("only absolute position embeddings are supported")
     return ModelConfig(
@@ -144,7 +146,9 @@ def save_hf(model: RobertaMLM, out_dir: str | Path, tokenizer: Any = None) -> Pa
     return save_hf_state_dict(sd, model.cfg, out_dir, tokenizer)
 
 
-def save_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path, tokenizer: Any = None):
+def save_hf_state_dict(
+    sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path, tokenizer: Any = None
+):
     """save_hf for a bare state dict (e.g. consolidated from ZeRO-3 shards)."""
     from transformers import RobertaForMaskedLM
 
@@ -153,7 +157,9 @@ def save_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: s
     missing, unexpected = hf.load_state_dict(state_dict_to_hf(sd, cfg.num_layers), strict=False)
     missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
     if missing or unexpected:
-        raise RuntimeError(f"state dict does not map onto RobertaForMaskedLM: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"state dict does not map onto RobertaForMaskedLM: missing {missing}, unexpected {unexpected}"
+        )
     hf.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

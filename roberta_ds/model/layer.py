@@ -41,16 +41,29 @@ class EncoderLayer(nn.Module):
 
         qkv_BS3HK = self.qkv(x_BSD).view(B, S, 3, H, D // H)
         q, k, v = qkv_BS3HK.unbind(dim=2)  # each (B, S, H, K), strided views of one buffer
-        a_BSHK = ops.attention(q, k, v, key_padding_mask=key_padding_mask_BS, segment_ids=segment_ids_BS,
-                               dropout_p=p_attn)
+        a_BSHK = ops.attention(
+            q, k, v, key_padding_mask=key_padding_mask_BS, segment_ids=segment_ids_BS, dropout_p=p_attn
+        )
         o_BSD = self.attn_out(a_BSHK.reshape(B, S, D))
-        h_BSD = ops.layer_norm(o_BSD, self.attn_norm.weight, self.attn_norm.bias, self.cfg.layer_norm_eps,
-                               residual=x_BSD, dropout_p=p_hidden)
+        h_BSD = ops.layer_norm(
+            o_BSD,
+            self.attn_norm.weight,
+            self.attn_norm.bias,
+            self.cfg.layer_norm_eps,
+            residual=x_BSD,
+            dropout_p=p_hidden,
+        )
 
         u_BSF = ops.bias_gelu(self.fc1(h_BSD), self.fc1_bias)
         y_BSD = self.fc2(u_BSF)
-        return ops.layer_norm(y_BSD, self.ffn_norm.weight, self.ffn_norm.bias, self.cfg.layer_norm_eps,
-                              residual=h_BSD, dropout_p=p_hidden)
+        return ops.layer_norm(
+            y_BSD,
+            self.ffn_norm.weight,
+            self.ffn_norm.bias,
+            self.cfg.layer_norm_eps,
+            residual=h_BSD,
+            dropout_p=p_hidden,
+        )
 
 
 class MLMHead(nn.Module):

@@ -99,8 +99,9 @@ class RobertaMLM(nn.Module):
         loss = self.ops.cross_entropy(logits_NV, labels_N, ignore_index=IGNORE_INDEX)
         with torch.no_grad():
             correct = (logits_NV.argmax(-1) == labels_N).sum()
-        return MLMOutput(loss=loss, logits=logits_NV, num_masked=sel_N.new_tensor(sel_N.numel()),
-                         correct=correct)
+        return MLMOutput(
+            loss=loss, logits=logits_NV, num_masked=sel_N.new_tensor(sel_N.numel()), correct=correct
+        )
 
     def num_parameters(self) -> int:
         """Parameters counted once (the decoder shares the word embeddings)."""

@@ -17,8 +17,13 @@ SIZES = [  # (hidden, layers, heads, intermediate, vocab): odd hidden sizes and 
 
 def hf_model(hidden, layers, heads, inter, vocab, type_vocab=1):
     cfg = RobertaConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=inter, max_position_embeddings=66, type_vocab_size=type_vocab,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=inter,
+        max_position_embeddings=66,
+        type_vocab_size=type_vocab,
     )
     m = RobertaForMaskedLM(cfg).eval()
     with torch.no_grad():  # randomise LayerNorms and biases too, which init leaves at 1 and 0
