@@ -90,8 +90,7 @@ def prepare_builtin(
     """The built-in corpus prepared (once, then cached) for these settings; returns its folder."""
     from roberta_ds.data.prepare import prepare
 
-    tag = f"bpe{vocab_size}" if tokenizer == "train" else Path(tokenizer).name
-    out = Path(cache_dir) / f"builtin-{tag}-s{seq_len}"
+    out = builtin_dataset_dir(cache_dir, tokenizer, vocab_size, seq_len)
     corpus = builtin_corpus(cache_dir)
     return prepare(
         [str(corpus)],
@@ -102,3 +101,8 @@ def prepare_builtin(
         valid_every=50,
         progress=progress,
     )
+
+
+def builtin_dataset_dir(cache_dir: str | Path, tokenizer: str, vocab_size: int, seq_len: int) -> Path:
+    tag = f"bpe{vocab_size}" if tokenizer == "train" else Path(tokenizer).name
+    return Path(cache_dir) / f"builtin-{tag}-s{seq_len}"

@@ -6,7 +6,7 @@ Legend: B batch, S sequence, D hidden, H heads, V vocabulary, N selected (masked
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -19,8 +19,9 @@ from roberta_ds.model.ops import Ops, resolve_ops
 IGNORE_INDEX = -100
 
 
-@dataclass
-class MLMOutput:
+class MLMOutput(NamedTuple):
+    """A NamedTuple so that DeepSpeed's ZeRO-3 hooks can see the tensors inside it."""
+
     loss: torch.Tensor | None = None  # () fp32, mean over masked tokens
     logits: torch.Tensor | None = None  # (B, S, V) without labels; (N, V) masked rows with labels
     num_masked: torch.Tensor | None = None  # () int64, tokens that contributed to the loss

@@ -1,0 +1,71 @@
+"""Process-group start-up for every launcher: torchrun / deepspeed (env://), srun (SLURM_*),
+mpirun (mpi4py discovery through DeepSpeed), or a plain `python train.py` (one process)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _under_mpi() -> bool:
+    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE"))
+
+
+def fill_env_from_slurm() -> None:
+    """srun starts one task per GPU and sets SLURM_PROCID etc.; map them onto torch's variables."""
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        raise RuntimeError("running under srun without MASTER_ADDR/MASTER_PORT; start through slurm/pretrain.sbatch "
+                           "or export them (first host of SLURM_JOB_NODELIST, a free port)")
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
+    """Start the default process group; returns (rank, local_rank, world_size)."""
+    import deepspeed
+
+    env = os.environ
+    fill_env_from_slurm()
+    if "RANK" not in env and not _under_mpi():  # plain `python train.py`: a world of one
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=True,  # mpirun: mpi4py supplies rank, size and the master address
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(env.get("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return rank, local_rank, world
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_agree(flag: bool) -> bool:
+    """True when any rank says True (a MAX all-reduce): used for stop decisions at step boundaries."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,276 @@
+"""The training loop on DeepSpeed: build (data, model under zero.Init, AdamW, schedule), fit,
+validate, checkpoint, stop on preemption.
+
+Exactness: each optimizer step reseeds torch's RNG from (seed, step, rank), and masks come from
+(seed, global sample position), so a resumed run replays the uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from roberta_ds.config import ConfigError, RunConfig
+from roberta_ds.data.corpus import builtin_dataset_dir, prepare_builtin
+from roberta_ds.data.dataset import PackedDataset, read_metadata
+from roberta_ds.data.masking import MLMCollator
+from roberta_ds.data.sampler import GlobalOrderSampler
+from roberta_ds.model import RobertaMLM, load_hf
+from roberta_ds.training import checkpoint, ds_config
+from roberta_ds.training.distributed import all_agree, barrier, device, init_distributed
+from roberta_ds.training.metrics import MetricsLog, peak_flops
+from roberta_ds.training.optim import build_optimizer, lr_lambda
+from roberta_ds.training.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopFlag
+
+log = logging.getLogger("roberta_ds.train")
+
+
+class _Keys(torch.utils.data.Dataset):
+    """The sampler yields whole micro-batches of (position, index); the collator does the work."""
+
+    def __getitem__(self, items):
+        return items
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """A new run never overwrites another run's checkpoints."""
+    saved = run_dir / "run_config.yaml"
+    if not saved.is_file():
+        if (run_dir / "checkpoints").exists():
+            raise ConfigError(f"{run_dir} holds checkpoints but no run_config.yaml; pick another train.run_dir")
+        return
+    old = yaml.safe_load(saved.read_text())
+    new = cfg.to_dict()
+    for section in ("model", "data"):
+        if old.get(section) != new[section] and cfg.train.resume is not None:
+            diff = sorted(k for k in new[section] if old.get(section, {}).get(k) != new[section][k])
+            raise ConfigError(f"{run_dir} holds another run (its {section} differs in {diff}); pick another "
+                              "train.run_dir")
+    if cfg.train.resume is None and (run_dir / "checkpoints").exists():
+        raise ConfigError(f"{run_dir} already holds checkpoints; set train.resume: auto to continue that run "
+                          "or pick another train.run_dir")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config_path: str):
+        self.cfg = cfg
+        t = cfg.train
+        ds_raw = ds_config.load_ds_config(ds_config_path)
+        self.rank, self.local_rank, self.world = init_distributed()
+        self.device = device()
+        ds_config.check_for_device(ds_raw, self.device.type)
+        self.precision = ds_config.precision(ds_raw)
+        self.run_dir = Path(t.run_dir)
+        ds_cfg = ds_config.for_engine(ds_raw, self.world, self.run_dir)
+        self.global_batch = ds_cfg["train_batch_size"]
+        self.micro_batch = ds_cfg["train_micro_batch_size_per_gpu"]
+        self.accum = ds_cfg["gradient_accumulation_steps"]
+        check_run_dir(cfg, self.run_dir)
+        self.resume_from = checkpoint.resolve(t.resume, self.run_dir)
+
+        self.data_dir = self._dataset()
+        meta = read_metadata(self.data_dir)
+        if meta["vocab_size"] != cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer of {self.data_dir} has {meta['vocab_size']} tokens but "
+                              f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size: {meta['vocab_size']}")
+        if meta["seq_len"] > cfg.model.max_seq_len:
+            raise ConfigError(f"{self.data_dir} has seq_len={meta['seq_len']}, above the model's "
+                              f"{cfg.model.max_seq_len} positions")
+        self.seq_len = meta["seq_len"]
+        self.train_set = PackedDataset(self.data_dir, "train")
+        self.valid_set = PackedDataset(self.data_dir, "valid")
+        sp = meta["special_tokens"]
+        specials = [sp["bos"], sp["pad"], sp["eos"], sp["unk"]]
+        d = cfg.data
+        self.collate = MLMCollator(self.train_set, meta["vocab_size"], sp["mask"], specials, t.seed,
+                                   d.mlm_probability, d.mask_replace_prob, d.random_replace_prob, d.document_mask)
+        self.valid_collate = MLMCollator(self.valid_set, meta["vocab_size"], sp["mask"], specials, t.seed + 1,
+                                         d.mlm_probability, d.mask_replace_prob, d.random_replace_prob,
+                                         d.document_mask)
+
+        import deepspeed
+
+        torch.manual_seed(t.seed)
+        stage3 = ds_config.zero_stage(ds_cfg) == 3
+        # ZeRO-3: parameters are partitioned as each module is built, so a large model never sits
+        # whole on one rank; initial values are then written through GatheredParameters.
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=stage3):
+            model = RobertaMLM(cfg.model)
+        self._init_weights(model, stage3)
+        opt = build_optimizer(model, t, offload=ds_config.offloads_optimizer(ds_cfg))
+        # The schedule is built on the optimizer DeepSpeed wraps (ZeRO regroups parameters).
+        self.engine, _, _, self.sched = deepspeed.initialize(
+            model=model, optimizer=opt, config=ds_cfg,
+            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(t)),
+        )
+        self.step, self.samples, self.tokens, self.nonfinite = 0, 0, 0, 0
+        if self.resume_from is not None:
+            state = checkpoint.load(self.engine, self.resume_from, self.rank)
+            self.step, self.samples = state["step"], state["samples"]
+            self.tokens, self.nonfinite = state["tokens"], state.get("nonfinite", 0)
+            self._log(f"resumed from {self.resume_from} at step {self.step} (saved by {state['world_size']} ranks, "
+                      f"now {self.world})")
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
+        self.peak = peak_flops(self.precision, t.peak_flops)
+        self.flops_per_token = model.flops_per_token(self.seq_len, d.mlm_probability)
+
+    # ----------------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.rank == 0:
+            log.info(msg)
+
+    def _dataset(self) -> Path:
+        d = self.cfg.data
+        if d.dataset != "builtin":
+            return Path(d.dataset)
+        if self.rank == 0:  # one rank prepares (once, cached), the others wait for it
+            prepare_builtin(d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len, progress=self.cfg.train.progress_bar)
+        barrier()
+        return builtin_dataset_dir(d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len)
+
+    def _init_weights(self, model: RobertaMLM, stage3: bool) -> None:
+        import deepspeed
+
+        hf_sd = None
+        if self.cfg.train.init_from_hf:
+            hf_sd = load_hf(self.cfg.train.init_from_hf).state_dict()
+        elif not stage3:
+            return  # RobertaMLM.__init__ already initialised the whole (unpartitioned) model
+        for name, module in model.named_modules():
+            params = list(module.parameters(recurse=False))
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=stage3):
+                if hf_sd is None:
+                    model._init_weights(module)
+                else:
+                    for pname, p in module.named_parameters(recurse=False):
+                        full = f"{name}.{pname}" if name else pname
+                        p.data.copy_(hf_sd[full])
+        if hf_sd is not None:
+            self._log(f"initialised from Hugging Face weights at {self.cfg.train.init_from_hf}")
+
+    def _loader(self):
+        sampler = GlobalOrderSampler(len(self.train_set), self.global_batch, self.micro_batch, self.world, self.rank,
+                                     self.cfg.train.seed, start=self.samples)
+        return iter(torch.utils.data.DataLoader(_Keys(), sampler=sampler, batch_size=None,
+                                                collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
+                                                persistent_workers=self.cfg.data.num_workers > 0))
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _state(self) -> dict:
+        return {"step": self.step, "samples": self.samples, "tokens": self.tokens, "nonfinite": self.nonfinite,
+                "world_size": self.world, "config": self.cfg.to_dict()}
+
+    def save(self) -> Path:
+        path = checkpoint.save(self.engine, self.run_dir, self.step, self._state(), self.cfg.train.keep_last, self.rank)
+        self._log(f"saved checkpoint {path}")
+        return path
+
+    # ----------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to train.max_steps; returns the process exit code (0, EXIT_PREEMPTED, EXIT_NONFINITE)."""
+        t = self.cfg.train
+        stop = StopFlag(["SIGTERM", t.preempt_signal], t.time_limit_minutes)
+        batches = self._loader()
+        self.engine.train()
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=self.rank != 0 or not t.progress_bar,
+                   desc="train", dynamic_ncols=True)
+        self._log(f"training: world {self.world}, global batch {self.global_batch} = micro {self.micro_batch} x "
+                  f"accumulation {self.accum} x {self.world} ranks, seq {self.seq_len}, {self.precision}, "
+                  f"kernels {self.engine.module.ops.backend}")
+        t_last, tokens_last = time.perf_counter(), 0
+        while self.step < t.max_steps:
+            if all_agree(stop.requested()):
+                self._log(f"stopping at step {self.step}: {stop.reason or 'another rank was asked to'}")
+                self.save()
+                return EXIT_PREEMPTED
+            torch.manual_seed(t.seed * 1_000_003 + self.step * 1_009 + self.rank)  # dropout RNG per step
+            loss_sum = torch.zeros((), device=self.device)
+            for _ in range(self.accum):
+                out = self.engine(**self._to_device(next(batches)))
+                self.engine.backward(out.loss)
+                self.engine.step()
+                loss_sum += out.loss.detach().float()
+            torch.distributed.all_reduce(loss_sum)
+            loss = loss_sum.item() / (self.accum * self.world)
+            self.step += 1
+            self.samples += self.global_batch
+            self.tokens += self.global_batch * self.seq_len
+            tokens_last += self.global_batch * self.seq_len
+            self.nonfinite = 0 if math.isfinite(loss) else self.nonfinite + 1
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.max_steps or self.nonfinite:
+                dt = time.perf_counter() - t_last
+                self._log_step(loss, tokens_last / dt, bar)
+                t_last, tokens_last = time.perf_counter(), 0
+            if self.nonfinite >= t.max_nonfinite_steps:
+                self._log(f"stopping: {self.nonfinite} consecutive non-finite losses at step {self.step} "
+                          "(their updates were skipped)")
+                self.save()
+                return EXIT_NONFINITE
+            if t.eval_every and self.step % t.eval_every == 0:
+                self.evaluate()
+            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+                self.save()
+        bar.close()
+        if t.eval_every:
+            self.evaluate()
+        self.save()
+        self.metrics.close()
+        return 0
+
+    def _log_step(self, loss: float, tokens_per_s: float, bar) -> None:
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None else None
+        achieved = tokens_per_s * self.flops_per_token / self.world
+        row = {
+            "step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0], "grad_norm": gn,
+            "tokens_per_s": tokens_per_s, "mfu": achieved / self.peak if self.peak else None,
+            "tokens": self.tokens, "samples": self.samples,
+            "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
+        }
+        self.metrics.write(row)
+        if self.rank == 0:
+            self.engine.monitor.write_events([("Train/loss", loss, self.step), ("Train/lr", row["lr"], self.step),
+                                              ("Train/tokens_per_s", tokens_per_s, self.step)])
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """MLM loss, perplexity and masked-token accuracy on the held-out split (fixed masks)."""
+        self.engine.eval()
+        n = len(self.valid_set)
+        per_rank = self.micro_batch
+        n_batches = min(self.cfg.train.eval_batches, max(1, math.ceil(n / (per_rank * self.world))))
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss x masked, masked, correct
+        for b in range(n_batches):
+            base = (b * self.world + self.rank) * per_rank
+            items = [(q, q % n) for q in range(base, base + per_rank)]  # wraps: every rank runs equal batches
+            out = self.engine(**self._to_device(self.valid_collate(items)))
+            m = out.num_masked.double()
+            sums += torch.stack([out.loss.double() * m, m, out.correct.double()])
+        torch.distributed.all_reduce(sums)
+        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        res = {"step": self.step, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 50)),
+               "valid_accuracy": (sums[2] / sums[1].clamp(min=1)).item()}
+        self.metrics.write(res)
+        self._log(f"validation at step {self.step}: loss {loss:.4f}, ppl {res['valid_ppl']:.2f}, "
+                  f"accuracy {res['valid_accuracy']:.4f}")
+        self.engine.train()
+        return res
+

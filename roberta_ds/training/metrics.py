@@ -1,0 +1,48 @@
+"""Throughput and MFU, and the run's metrics.jsonl (one JSON object per optimizer step)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) peak FLOP/s by precision; MFU = achieved model FLOP/s / this.
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100 SXM": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
+}
+
+
+def peak_flops(precision: str, override: float | None = None) -> float | None:
+    """Per-device peak for MFU: the override, else the table entry matching the GPU's name, else
+    None (CPUs and unknown GPUs report no MFU unless train.peak_flops is set)."""
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # most specific name first
+        if all(part in name for part in key.split()):
+            return PEAK_FLOPS[key][precision]
+    return None
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self._f = path.open("a") if enabled else None
+
+    def write(self, row: dict) -> None:
+        if self._f:
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
