@@ -19,21 +19,35 @@ from roberta_ds.training.ds_config import DSConfigError
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="run YAML (model/data/train sections); default: tiny preset")
-    ap.add_argument("--deepspeed_config", "--deepspeed-config", dest="ds_config", default="ds_configs/zero3_bf16.json",
-                    help="DeepSpeed JSON: batch sizes, precision, ZeRO stage, clipping, offload")
+    ap.add_argument(
+        "--config", default=None, help="run YAML (model/data/train sections); default: tiny preset"
+    )
+    ap.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        dest="ds_config",
+        default="ds_configs/zero3_bf16.json",
+        help="DeepSpeed JSON: batch sizes, precision, ZeRO stage, clipping, offload",
+    )
     ap.add_argument("--run_dir", "--run-dir", default=None, help="overrides train.run_dir")
-    ap.add_argument("--resume", default=None, help="overrides train.resume ('auto', a run or checkpoint folder)")
+    ap.add_argument(
+        "--resume", default=None, help="overrides train.resume ('auto', a run or checkpoint folder)"
+    )
     ap.add_argument("--max_steps", "--max-steps", type=int, default=None, help="overrides train.max_steps")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    ap.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # deepspeed launcher
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in (("run_dir", args.run_dir), ("resume", args.resume),
-                                   ("max_steps", args.max_steps)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("run_dir", args.run_dir), ("resume", args.resume), ("max_steps", args.max_steps))
+        if v is not None
+    }
     try:
         cfg = load_run_config(args.config, {"train": overrides})
         from roberta_ds.training.engine import Trainer

@@ -84,8 +84,10 @@ def resolve(path_or_auto: str | None, run_dir: Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint to resume from not found: {path}")
     if not (path / COMPLETE).is_file():
-        raise CheckpointError(f"{path}: incomplete or corrupt checkpoint (no {COMPLETE} marker; the save was "
-                              "interrupted) - resume from an earlier step_* folder")
+        raise CheckpointError(
+            f"{path}: incomplete or corrupt checkpoint (no {COMPLETE} marker; the save was "
+            "interrupted) - resume from an earlier step_* folder"
+        )
     return path
 
 
@@ -99,3 +101,43 @@ def load(engine, ckpt: Path, rank: int, load_optimizer: bool = True) -> dict:
     if rng.is_file():  # absent when resuming on more ranks than saved; steps reseed anyway
         set_rng_state(torch.load(rng, weights_only=False))
     return client_state
+
+
+def saved_world_size(ckpt: Path) -> int:
+    """Data-parallel ranks that wrote a ZeRO checkpoint (one model-states file each); 0 without ZeRO."""
+    return len(list(ckpt.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")))
+
+
+def to_universal(ckpt: Path, rank: int) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (once; rank 0 writes, the others
+    wait), so that it can be resumed on a different number of ranks."""
+    out = ckpt.parent / "universal" / ckpt.name
+    if rank == 0 and not out.is_dir():
+        import subprocess
+        import sys
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ckpt),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise CheckpointError(
+                f"{ckpt}: conversion to a universal checkpoint failed:\n{res.stderr[-2000:]}"
+            )
+        for f in ckpt.glob("rng_rank*.pt"):
+            shutil.copy(f, tmp / f.name)
+        tmp.rename(out)
+    barrier()
+    return out

@@ -17,20 +17,35 @@ def _free_port() -> int:
 
 
 def _under_mpi() -> bool:
-    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE"))
+    return any(
+        k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+    )
 
 
 def fill_env_from_slurm() -> None:
     """srun starts one task per GPU and sets SLURM_PROCID etc.; map them onto torch's variables."""
     env = os.environ
-    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+    # Only inside an srun step (SLURM_STEP_ID): the batch script itself is one process, not the job's tasks.
+    if "RANK" in env or "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
         return
     env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
-        raise RuntimeError("running under srun without MASTER_ADDR/MASTER_PORT; start through slurm/pretrain.sbatch "
-                           "or export them (first host of SLURM_JOB_NODELIST, a free port)")
+        raise RuntimeError(
+            "running under srun without MASTER_ADDR/MASTER_PORT; start through slurm/pretrain.sbatch "
+            "or export them (first host of SLURM_JOB_NODELIST, a free port)"
+        )
+
+
+def expected_world_size() -> int:
+    """The world size the launcher asked for, read before the process group exists."""
+    fill_env_from_slurm()
+    env = os.environ
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if key in env:
+            return int(env[key])
+    return 1
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
@@ -56,7 +71,11 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def all_agree(flag: bool) -> bool:

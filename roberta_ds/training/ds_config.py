@@ -43,8 +43,11 @@ def resolve_batch(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
     tb = cfg.get("train_batch_size")
     mb = cfg.get("train_micro_batch_size_per_gpu")
     ga = cfg.get("gradient_accumulation_steps")
-    for name, v in (("train_batch_size", tb), ("train_micro_batch_size_per_gpu", mb),
-                    ("gradient_accumulation_steps", ga)):
+    for name, v in (
+        ("train_batch_size", tb),
+        ("train_micro_batch_size_per_gpu", mb),
+        ("gradient_accumulation_steps", ga),
+    ):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise DSConfigError(f"{src}: {name} must be a positive integer, got {v!r}")
     if tb is not None and mb is not None and ga is None:
@@ -56,8 +59,10 @@ def resolve_batch(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
         ga = tb // (mb * world_size)
     elif tb is not None and ga is not None and mb is None:
         if tb % (ga * world_size):
-            raise DSConfigError(f"{src}: train_batch_size={tb} is not divisible by gradient_accumulation_steps"
-                                f"={ga} x world size {world_size}")
+            raise DSConfigError(
+                f"{src}: train_batch_size={tb} is not divisible by gradient_accumulation_steps"
+                f"={ga} x world size {world_size}"
+            )
         mb = tb // (ga * world_size)
     elif mb is not None and tb is None:
         ga = ga or 1
@@ -69,8 +74,9 @@ def resolve_batch(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
                 f"gradient_accumulation_steps={ga} x world size {world_size} (= {mb * ga * world_size})"
             )
     else:
-        raise DSConfigError(f"{src}: set train_micro_batch_size_per_gpu (and train_batch_size or "
-                            "gradient_accumulation_steps)")
+        raise DSConfigError(
+            f"{src}: set train_micro_batch_size_per_gpu (and train_batch_size or gradient_accumulation_steps)"
+        )
     return tb, mb, ga
 
 
@@ -107,5 +113,9 @@ def for_engine(cfg: dict[str, Any], world_size: int, run_dir: Path) -> dict[str,
     out.update(train_batch_size=tb, train_micro_batch_size_per_gpu=mb, gradient_accumulation_steps=ga)
     for mon in ("tensorboard", "csv_monitor"):
         if out.get(mon, {}).get("enabled"):
-            out[mon] = {**out[mon], "output_path": str(run_dir / "monitor"), "job_name": out[mon].get("job_name", "train")}
+            out[mon] = {
+                **out[mon],
+                "output_path": str(run_dir / "monitor"),
+                "job_name": out[mon].get("job_name", "train"),
+            }
     return out

@@ -23,7 +23,7 @@ from roberta_ds.data.masking import MLMCollator
 from roberta_ds.data.sampler import GlobalOrderSampler
 from roberta_ds.model import RobertaMLM, load_hf
 from roberta_ds.training import checkpoint, ds_config
-from roberta_ds.training.distributed import all_agree, barrier, device, init_distributed
+from roberta_ds.training.distributed import all_agree, barrier, device, expected_world_size, init_distributed
 from roberta_ds.training.metrics import MetricsLog, peak_flops
 from roberta_ds.training.optim import build_optimizer, lr_lambda
 from roberta_ds.training.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopFlag
@@ -43,56 +43,75 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     saved = run_dir / "run_config.yaml"
     if not saved.is_file():
         if (run_dir / "checkpoints").exists():
-            raise ConfigError(f"{run_dir} holds checkpoints but no run_config.yaml; pick another train.run_dir")
+            raise ConfigError(
+                f"{run_dir} holds checkpoints but no run_config.yaml; pick another train.run_dir"
+            )
         return
     old = yaml.safe_load(saved.read_text())
     new = cfg.to_dict()
     for section in ("model", "data"):
         if old.get(section) != new[section] and cfg.train.resume is not None:
             diff = sorted(k for k in new[section] if old.get(section, {}).get(k) != new[section][k])
-            raise ConfigError(f"{run_dir} holds another run (its {section} differs in {diff}); pick another "
-                              "train.run_dir")
+            raise ConfigError(
+                f"{run_dir} holds another run (its {section} differs in {diff}); pick another train.run_dir"
+            )
     if cfg.train.resume is None and (run_dir / "checkpoints").exists():
-        raise ConfigError(f"{run_dir} already holds checkpoints; set train.resume: auto to continue that run "
-                          "or pick another train.run_dir")
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints; set train.resume: auto to continue that run "
+            "or pick another train.run_dir"
+        )
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str):
         self.cfg = cfg
         t = cfg.train
+        # Every check of the inputs runs before any process group or model exists.
         ds_raw = ds_config.load_ds_config(ds_config_path)
-        self.rank, self.local_rank, self.world = init_distributed()
-        self.device = device()
-        ds_config.check_for_device(ds_raw, self.device.type)
+        ds_config.check_for_device(ds_raw, "cuda" if torch.cuda.is_available() else "cpu")
         self.precision = ds_config.precision(ds_raw)
         self.run_dir = Path(t.run_dir)
-        ds_cfg = ds_config.for_engine(ds_raw, self.world, self.run_dir)
+        ds_cfg = ds_config.for_engine(ds_raw, expected_world_size(), self.run_dir)
+        check_run_dir(cfg, self.run_dir)
+        self.resume_from = checkpoint.resolve(t.resume, self.run_dir)
+        if cfg.data.dataset != "builtin":
+            self._check_dataset(Path(cfg.data.dataset))
+
+        self.rank, self.local_rank, self.world = init_distributed()
+        self.device = device()
         self.global_batch = ds_cfg["train_batch_size"]
         self.micro_batch = ds_cfg["train_micro_batch_size_per_gpu"]
         self.accum = ds_cfg["gradient_accumulation_steps"]
-        check_run_dir(cfg, self.run_dir)
-        self.resume_from = checkpoint.resolve(t.resume, self.run_dir)
-
         self.data_dir = self._dataset()
-        meta = read_metadata(self.data_dir)
-        if meta["vocab_size"] != cfg.model.vocab_size:
-            raise ConfigError(f"the tokenizer of {self.data_dir} has {meta['vocab_size']} tokens but "
-                              f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size: {meta['vocab_size']}")
-        if meta["seq_len"] > cfg.model.max_seq_len:
-            raise ConfigError(f"{self.data_dir} has seq_len={meta['seq_len']}, above the model's "
-                              f"{cfg.model.max_seq_len} positions")
+        meta = self._check_dataset(self.data_dir)
         self.seq_len = meta["seq_len"]
         self.train_set = PackedDataset(self.data_dir, "train")
         self.valid_set = PackedDataset(self.data_dir, "valid")
         sp = meta["special_tokens"]
         specials = [sp["bos"], sp["pad"], sp["eos"], sp["unk"]]
         d = cfg.data
-        self.collate = MLMCollator(self.train_set, meta["vocab_size"], sp["mask"], specials, t.seed,
-                                   d.mlm_probability, d.mask_replace_prob, d.random_replace_prob, d.document_mask)
-        self.valid_collate = MLMCollator(self.valid_set, meta["vocab_size"], sp["mask"], specials, t.seed + 1,
-                                         d.mlm_probability, d.mask_replace_prob, d.random_replace_prob,
-                                         d.document_mask)
+        self.collate = MLMCollator(
+            self.train_set,
+            meta["vocab_size"],
+            sp["mask"],
+            specials,
+            t.seed,
+            d.mlm_probability,
+            d.mask_replace_prob,
+            d.random_replace_prob,
+            d.document_mask,
+        )
+        self.valid_collate = MLMCollator(
+            self.valid_set,
+            meta["vocab_size"],
+            sp["mask"],
+            specials,
+            t.seed + 1,
+            d.mlm_probability,
+            d.mask_replace_prob,
+            d.random_replace_prob,
+            d.document_mask,
+        )
 
         import deepspeed
 
@@ -104,9 +123,16 @@ class Trainer:
             model = RobertaMLM(cfg.model)
         self._init_weights(model, stage3)
         opt = build_optimizer(model, t, offload=ds_config.offloads_optimizer(ds_cfg))
+        saved = checkpoint.saved_world_size(self.resume_from) if self.resume_from else 0
+        if saved and saved != self.world:  # ZeRO shards are per rank: go through the universal format
+            self.resume_from = checkpoint.to_universal(self.resume_from, self.rank)
+            ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
+            self._log(f"resuming a {saved}-rank checkpoint on {self.world} ranks via {self.resume_from}")
         # The schedule is built on the optimizer DeepSpeed wraps (ZeRO regroups parameters).
         self.engine, _, _, self.sched = deepspeed.initialize(
-            model=model, optimizer=opt, config=ds_cfg,
+            model=model,
+            optimizer=opt,
+            config=ds_cfg,
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(t)),
         )
         self.step, self.samples, self.tokens, self.nonfinite = 0, 0, 0, 0
@@ -114,8 +140,10 @@ class Trainer:
             state = checkpoint.load(self.engine, self.resume_from, self.rank)
             self.step, self.samples = state["step"], state["samples"]
             self.tokens, self.nonfinite = state["tokens"], state.get("nonfinite", 0)
-            self._log(f"resumed from {self.resume_from} at step {self.step} (saved by {state['world_size']} ranks, "
-                      f"now {self.world})")
+            self._log(
+                f"resumed from {self.resume_from} at step {self.step} (saved by {state['world_size']} ranks, "
+                f"now {self.world})"
+            )
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -129,12 +157,28 @@ class Trainer:
         if self.rank == 0:
             log.info(msg)
 
+    def _check_dataset(self, folder: Path) -> dict:
+        meta = read_metadata(folder)
+        m = self.cfg.model
+        if meta["vocab_size"] != m.vocab_size:
+            raise ConfigError(
+                f"the tokenizer of {folder} has {meta['vocab_size']} tokens but "
+                f"model.vocab_size={m.vocab_size}; set model.vocab_size: {meta['vocab_size']}"
+            )
+        if meta["seq_len"] > m.max_seq_len:
+            raise ConfigError(
+                f"{folder} has seq_len={meta['seq_len']}, above the model's {m.max_seq_len} positions"
+            )
+        return meta
+
     def _dataset(self) -> Path:
         d = self.cfg.data
         if d.dataset != "builtin":
             return Path(d.dataset)
         if self.rank == 0:  # one rank prepares (once, cached), the others wait for it
-            prepare_builtin(d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len, progress=self.cfg.train.progress_bar)
+            prepare_builtin(
+                d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len, progress=self.cfg.train.progress_bar
+            )
         barrier()
         return builtin_dataset_dir(d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len)
 
@@ -161,21 +205,43 @@ class Trainer:
             self._log(f"initialised from Hugging Face weights at {self.cfg.train.init_from_hf}")
 
     def _loader(self):
-        sampler = GlobalOrderSampler(len(self.train_set), self.global_batch, self.micro_batch, self.world, self.rank,
-                                     self.cfg.train.seed, start=self.samples)
-        return iter(torch.utils.data.DataLoader(_Keys(), sampler=sampler, batch_size=None,
-                                                collate_fn=self.collate, num_workers=self.cfg.data.num_workers,
-                                                persistent_workers=self.cfg.data.num_workers > 0))
+        sampler = GlobalOrderSampler(
+            len(self.train_set),
+            self.global_batch,
+            self.micro_batch,
+            self.world,
+            self.rank,
+            self.cfg.train.seed,
+            start=self.samples,
+        )
+        return iter(
+            torch.utils.data.DataLoader(
+                _Keys(),
+                sampler=sampler,
+                batch_size=None,
+                collate_fn=self.collate,
+                num_workers=self.cfg.data.num_workers,
+                persistent_workers=self.cfg.data.num_workers > 0,
+            )
+        )
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _state(self) -> dict:
-        return {"step": self.step, "samples": self.samples, "tokens": self.tokens, "nonfinite": self.nonfinite,
-                "world_size": self.world, "config": self.cfg.to_dict()}
+        return {
+            "step": self.step,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "nonfinite": self.nonfinite,
+            "world_size": self.world,
+            "config": self.cfg.to_dict(),
+        }
 
     def save(self) -> Path:
-        path = checkpoint.save(self.engine, self.run_dir, self.step, self._state(), self.cfg.train.keep_last, self.rank)
+        path = checkpoint.save(
+            self.engine, self.run_dir, self.step, self._state(), self.cfg.train.keep_last, self.rank
+        )
         self._log(f"saved checkpoint {path}")
         return path
 
@@ -188,11 +254,18 @@ class Trainer:
         self.engine.train()
         from tqdm import tqdm
 
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=self.rank != 0 or not t.progress_bar,
-                   desc="train", dynamic_ncols=True)
-        self._log(f"training: world {self.world}, global batch {self.global_batch} = micro {self.micro_batch} x "
-                  f"accumulation {self.accum} x {self.world} ranks, seq {self.seq_len}, {self.precision}, "
-                  f"kernels {self.engine.module.ops.backend}")
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=self.rank != 0 or not t.progress_bar,
+            desc="train",
+            dynamic_ncols=True,
+        )
+        self._log(
+            f"training: world {self.world}, global batch {self.global_batch} = micro {self.micro_batch} x "
+            f"accumulation {self.accum} x {self.world} ranks, seq {self.seq_len}, {self.precision}, "
+            f"kernels {self.engine.module.ops.backend}"
+        )
         t_last, tokens_last = time.perf_counter(), 0
         while self.step < t.max_steps:
             if all_agree(stop.requested()):
@@ -219,8 +292,10 @@ class Trainer:
                 self._log_step(loss, tokens_last / dt, bar)
                 t_last, tokens_last = time.perf_counter(), 0
             if self.nonfinite >= t.max_nonfinite_steps:
-                self._log(f"stopping: {self.nonfinite} consecutive non-finite losses at step {self.step} "
-                          "(their updates were skipped)")
+                self._log(
+                    f"stopping: {self.nonfinite} consecutive non-finite losses at step {self.step} "
+                    "(their updates were skipped)"
+                )
                 self.save()
                 return EXIT_NONFINITE
             if t.eval_every and self.step % t.eval_every == 0:
@@ -239,15 +314,25 @@ class Trainer:
         gn = float(gn) if gn is not None else None
         achieved = tokens_per_s * self.flops_per_token / self.world
         row = {
-            "step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0], "grad_norm": gn,
-            "tokens_per_s": tokens_per_s, "mfu": achieved / self.peak if self.peak else None,
-            "tokens": self.tokens, "samples": self.samples,
+            "step": self.step,
+            "loss": loss,
+            "lr": self.sched.get_last_lr()[0],
+            "grad_norm": gn,
+            "tokens_per_s": tokens_per_s,
+            "mfu": achieved / self.peak if self.peak else None,
+            "tokens": self.tokens,
+            "samples": self.samples,
             "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
         }
         self.metrics.write(row)
         if self.rank == 0:
-            self.engine.monitor.write_events([("Train/loss", loss, self.step), ("Train/lr", row["lr"], self.step),
-                                              ("Train/tokens_per_s", tokens_per_s, self.step)])
+            self.engine.monitor.write_events(
+                [
+                    ("Train/loss", loss, self.step),
+                    ("Train/lr", row["lr"], self.step),
+                    ("Train/tokens_per_s", tokens_per_s, self.step),
+                ]
+            )
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}")
 
     @torch.no_grad()
@@ -266,11 +351,16 @@ class Trainer:
             sums += torch.stack([out.loss.double() * m, m, out.correct.double()])
         torch.distributed.all_reduce(sums)
         loss = (sums[0] / sums[1].clamp(min=1)).item()
-        res = {"step": self.step, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 50)),
-               "valid_accuracy": (sums[2] / sums[1].clamp(min=1)).item()}
+        res = {
+            "step": self.step,
+            "valid_loss": loss,
+            "valid_ppl": math.exp(min(loss, 50)),
+            "valid_accuracy": (sums[2] / sums[1].clamp(min=1)).item(),
+        }
         self.metrics.write(res)
-        self._log(f"validation at step {self.step}: loss {loss:.4f}, ppl {res['valid_ppl']:.2f}, "
-                  f"accuracy {res['valid_accuracy']:.4f}")
+        self._log(
+            f"validation at step {self.step}: loss {loss:.4f}, ppl {res['valid_ppl']:.2f}, "
+            f"accuracy {res['valid_accuracy']:.4f}"
+        )
         self.engine.train()
         return res
-

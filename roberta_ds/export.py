@@ -1,0 +1,88 @@
+"""python -m roberta_ds.export --checkpoint <run or checkpoint dir> --out <dir>
+
+Consolidates a (ZeRO-sharded) checkpoint into full fp32 weights and writes a Hugging Face
+RobertaForMaskedLM folder with the run's tokenizer, which AutoModelForMaskedLM and
+pipeline("fill-mask") load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from roberta_ds.config import ModelConfig, build_dataclass
+from roberta_ds.model import save_hf_state_dict
+from roberta_ds.training.checkpoint import CheckpointError, resolve
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a checkpoint folder, whatever its ZeRO stage."""
+    if list(ckpt.glob("zero_pp_rank_*_optim_states.pt")) or list(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:  # no ZeRO: the module states hold the full model
+        sd = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent  # run_dir/checkpoints/step_*
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    ckpt = resolve(str(checkpoint), Path(checkpoint))
+    run_dir = run_dir_of(ckpt)
+    cfg_path = run_dir / "run_config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} not found: export needs the run folder the checkpoint came from")
+    run_cfg = yaml.safe_load(cfg_path.read_text())
+    model_cfg = build_dataclass(ModelConfig, run_cfg["model"], f"{cfg_path}: model")
+    from roberta_ds.data.corpus import builtin_dataset_dir
+
+    d = run_cfg["data"]
+    data_dir = (
+        builtin_dataset_dir(d["cache_dir"], d["tokenizer"], d["vocab_size"], d["seq_len"])
+        if d["dataset"] == "builtin"
+        else Path(d["dataset"])
+    )
+    tokenizer = None
+    if (data_dir / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    else:
+        logging.warning(
+            "export: tokenizer folder %s not found; writing the model without it", data_dir / "tokenizer"
+        )
+    return save_hf_state_dict(consolidated_state_dict(ckpt), model_cfg, out, tokenizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m roberta_ds.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--checkpoint", required=True, help="a run folder (its latest checkpoint) or a step_* folder"
+    )
+    ap.add_argument("--out", required=True, help="Hugging Face folder to write")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = export(args.checkpoint, args.out)
+    except CheckpointError as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"export: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def kjv_dataset(tmp_path_factory):
+    """A small real-text dataset: 150 chapters of the King James Bible, BPE 512, blocks of 64."""
+    from roberta_ds.data.corpus import kjv_documents
+    from roberta_ds.data.prepare import prepare
+
+    d = tmp_path_factory.mktemp("kjv")
+    with (d / "kjv.jsonl").open("w") as f:
+        for _, doc in zip(range(150), kjv_documents()):
+            f.write(json.dumps({"text": doc}) + "\n")
+    return prepare(
+        [str(d / "kjv.jsonl")],
+        d / "ds",
+        vocab_size=512,
+        seq_len=64,
+        valid_every=15,
+        num_proc=1,
+        progress=False,
+    )
+
+
+def write_config(path: Path, dataset: Path, run_dir: Path, **train) -> Path:
+    import yaml
+
+    cfg = {
+        "model": {
+            "preset": "tiny",
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "max_position_embeddings": 66,
+            "kernels": "torch",
+        },
+        "data": {"dataset": str(dataset), "seq_len": 64, "num_workers": 0},
+        "train": {
+            "run_dir": str(run_dir),
+            "max_steps": 30,
+            "lr": 2e-3,
+            "warmup_steps": 5,
+            "log_every": 1,
+            "eval_every": 0,
+            "save_every": 10,
+            "keep_last": 3,
+            "progress_bar": False,
+            **train,
+        },
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def write_ds(path: Path, **extra) -> Path:
+    cfg = {
+        "train_batch_size": 8,
+        "train_micro_batch_size_per_gpu": 4,
+        "zero_optimization": {"stage": 3},
+        "steps_per_print": 10**6,
+        **extra,
+    }
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.pop("TRITON_INTERPRET", None)
+    return e
+
+
+def launch(launcher: str, nproc: int, config: Path, ds: Path, *extra: str, port: int = 29600, timeout=300):
+    if launcher == "torchrun":
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={port}",
+        ]
+    elif launcher == "deepspeed":
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            f"--num_gpus={nproc}",
+            f"--master_port={port}",
+        ]
+    else:
+        cmd = [sys.executable]
+    cmd += [str(ROOT / "train.py"), "--config", str(config), "--deepspeed_config", str(ds), *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
