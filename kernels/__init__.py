@@ -1,11 +1,19 @@
-"""roberta-ds fused kernels: attention, residual+dropout+LayerNorm, bias+GELU, cross-entropy.
+"""roberta-ds fused Triton kernels, each with a pure-PyTorch reference (`*_ref`) beside it:
 
-Each op has a Triton implementation and a pure-PyTorch reference (`*_ref`) beside it.
+- attention(q, k, v, key_padding_mask=None, softmax_scale=None, segment_ids=None, dropout_p=0.0)
+- layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0): LayerNorm(dropout(x) + residual)
+- bias_gelu(x, bias): gelu(x + bias), exact erf GELU
+- cross_entropy(logits, labels, ignore_index=-100): mean over non-ignored rows, 0 if none
+
+Kernels run on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (set before importing this package).
 """
 
-from kernels.attention import attention_ref
-from kernels.bias_gelu import bias_gelu_ref
-from kernels.cross_entropy import cross_entropy_ref
-from kernels.layer_norm import layer_norm_ref
+from kernels.attention import attention, attention_ref
+from kernels.bias_gelu import bias_gelu, bias_gelu_ref
+from kernels.cross_entropy import cross_entropy, cross_entropy_ref
+from kernels.layer_norm import layer_norm, layer_norm_ref
 
-__all__ = ["attention_ref", "bias_gelu_ref", "cross_entropy_ref", "layer_norm_ref"]
+__all__ = [
+    "attention", "attention_ref", "bias_gelu", "bias_gelu_ref", "cross_entropy", "cross_entropy_ref",
+    "layer_norm", "layer_norm_ref",
+]

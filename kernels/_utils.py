@@ -1,0 +1,32 @@
+"""Shared launcher checks for the Triton kernels."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def check_runnable(name: str, *tensors: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            continue
+        raise RuntimeError(
+            f"kernels.{name}: got a tensor on {t.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1 "
+            f"set before import, for CPU tests). Use kernels.{name}_ref for the PyTorch path."
+        )
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32)) -> None:
+    if t.dtype not in allowed:
+        raise TypeError(f"kernels.{name}: dtype {t.dtype} is not supported (use one of {list(allowed)})")
+
+
+def new_seed() -> int:
+    """A dropout seed drawn from torch's CPU generator, so torch.manual_seed makes kernels reproducible."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
