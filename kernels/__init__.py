@@ -14,6 +14,12 @@ from kernels.cross_entropy import cross_entropy, cross_entropy_ref
 from kernels.layer_norm import layer_norm, layer_norm_ref
 
 __all__ = [
-    "attention", "attention_ref", "bias_gelu", "bias_gelu_ref", "cross_entropy", "cross_entropy_ref",
-    "layer_norm", "layer_norm_ref",
+    "attention",
+    "attention_ref",
+    "bias_gelu",
+    "bias_gelu_ref",
+    "cross_entropy",
+    "cross_entropy_ref",
+    "layer_norm",
+    "layer_norm_ref",
 ]

@@ -35,7 +35,9 @@ def _keep(seed, bh, rows, cols, S, p):
 
 
 @triton.jit
-def _visible(KPM_ptr, SEG_ptr, b, rows, cols, S, stride_mb, stride_gb, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr):
+def _visible(
+    KPM_ptr, SEG_ptr, b, rows, cols, S, stride_mb, stride_gb, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr
+):
     """(BLOCK_M, BLOCK_N) bool: which keys each query may see."""
     vis = (cols < S)[None, :] & (rows >= 0)[:, None]
     if HAS_KPM:
@@ -50,16 +52,36 @@ def _visible(KPM_ptr, SEG_ptr, b, rows, cols, S, stride_mb, stride_gb, HAS_KPM: 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q_ptr, K_ptr, V_ptr,  # (B, S, H, D), strided
+    Q_ptr,
+    K_ptr,
+    V_ptr,  # (B, S, H, D), strided
     O_ptr,  # (B, S, H, D) contiguous
     LSE_ptr,  # (B, H, S) fp32, base-2 log-sum-exp of the scaled scores
     KPM_ptr,  # (B, S) int8, 1 = real token (or None)
     SEG_ptr,  # (B, S) int32 document ids (or None)
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_mb, stride_gb,
-    H, S, qk_scale, p_drop, seed,
-    HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_mb,
+    stride_gb,
+    H,
+    S,
+    qk_scale,
+    p_drop,
+    seed,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -107,16 +129,40 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q_ptr, K_ptr, V_ptr,  # (B, S, H, D), strided
+    Q_ptr,
+    K_ptr,
+    V_ptr,  # (B, S, H, D), strided
     DO_ptr,  # (B, S, H, D) contiguous
-    LSE_ptr, Delta_ptr,  # (B, H, S) fp32
-    DK_ptr, DV_ptr,  # (B, S, H, D) contiguous
-    KPM_ptr, SEG_ptr,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_mb, stride_gb,
-    H, S, qk_scale, sm_scale, p_drop, seed,
-    HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    LSE_ptr,
+    Delta_ptr,  # (B, H, S) fp32
+    DK_ptr,
+    DV_ptr,  # (B, S, H, D) contiguous
+    KPM_ptr,
+    SEG_ptr,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_mb,
+    stride_gb,
+    H,
+    S,
+    qk_scale,
+    sm_scale,
+    p_drop,
+    seed,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -126,10 +172,16 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_m = tl.arange(0, BLOCK_M)
     q_base = Q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-    k = tl.load(K_ptr + b.to(tl.int64) * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
-                mask=cols[:, None] < S, other=0.0)
-    v = tl.load(V_ptr + b.to(tl.int64) * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
-                mask=cols[:, None] < S, other=0.0)
+    k = tl.load(
+        K_ptr + b.to(tl.int64) * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+        mask=cols[:, None] < S,
+        other=0.0,
+    )
+    v = tl.load(
+        V_ptr + b.to(tl.int64) * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+        mask=cols[:, None] < S,
+        other=0.0,
+    )
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     for start_m in range(0, S, BLOCK_M):
@@ -167,16 +219,39 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q_ptr, K_ptr, V_ptr,  # (B, S, H, D), strided
+    Q_ptr,
+    K_ptr,
+    V_ptr,  # (B, S, H, D), strided
     DO_ptr,  # (B, S, H, D) contiguous
-    LSE_ptr, Delta_ptr,  # (B, H, S) fp32
+    LSE_ptr,
+    Delta_ptr,  # (B, H, S) fp32
     DQ_ptr,  # (B, S, H, D) contiguous
-    KPM_ptr, SEG_ptr,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_mb, stride_gb,
-    H, S, qk_scale, sm_scale, p_drop, seed,
-    HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    KPM_ptr,
+    SEG_ptr,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_mb,
+    stride_gb,
+    H,
+    S,
+    qk_scale,
+    sm_scale,
+    p_drop,
+    seed,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -187,8 +262,11 @@ def _attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     k_base = K_ptr + b.to(tl.int64) * stride_kb + h * stride_kh
     v_base = V_ptr + b.to(tl.int64) * stride_vb + h * stride_vh
-    q = tl.load(Q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
-                mask=rows[:, None] < S, other=0.0)
+    q = tl.load(
+        Q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+        mask=rows[:, None] < S,
+        other=0.0,
+    )
     io = ((b.to(tl.int64) * S + rows[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
     do = tl.load(DO_ptr + io, mask=rows[:, None] < S, other=0.0)
     lse = tl.load(LSE_ptr + bh.to(tl.int64) * S + rows, mask=rows < S, other=float("inf"))
@@ -228,11 +306,12 @@ def _attn_keep_kernel(K_ptr, S, p, seed, BLOCK: tl.constexpr):
         tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < S) & (c[None, :] < S))
 
 
-def _config(head_dim: int, backward: bool) -> dict:
+def _config(head_dim: int, backward: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Block sizes per head dim, chosen to fit sm_90's 227 KB of shared memory (checked in CI by
     compiling for sm_90) with 2-3 pipeline stages. Untuned: see kernels/bench.py."""
     if not backward:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3)
+        big = head_dim > 64 and dtype == torch.float32  # 3 fp32 stages of 128-wide tiles: 225 KB
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2 if big else 3)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
@@ -240,8 +319,10 @@ def _prep(q, k, v, key_padding_mask, segment_ids):
     check_runnable("attention", q, k, v, key_padding_mask, segment_ids)
     check_dtype("attention", q)
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"kernels.attention: q, k, v must share one (batch, seq, heads, head_dim) shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"kernels.attention: q, k, v must share one (batch, seq, heads, head_dim) shape, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"kernels.attention: q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     B, S, H, D = q.shape
@@ -251,8 +332,10 @@ def _prep(q, k, v, key_padding_mask, segment_ids):
     kpm = None
     if key_padding_mask is not None:
         if key_padding_mask.shape != (B, S):
-            raise ValueError(f"kernels.attention: key_padding_mask must be (batch, seq) = {(B, S)}, "
-                             f"got {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"kernels.attention: key_padding_mask must be (batch, seq) = {(B, S)}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
         kpm = key_padding_mask.to(torch.int8).contiguous()
     seg = None
     if segment_ids is not None:
@@ -263,21 +346,47 @@ def _prep(q, k, v, key_padding_mask, segment_ids):
 
 
 def _strides(q, k, v, kpm, seg):
-    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), kpm.stride(0) if kpm is not None else 0,
-            seg.stride(0) if seg is not None else 0)
+    return (
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        kpm.stride(0) if kpm is not None else 0,
+        seg.stride(0) if seg is not None else 0,
+    )
 
 
 def attention_fwd(q, k, v, kpm, seg, sm_scale, p_drop, seed):
     B, S, H, D = q.shape
     o = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    cfg = _config(D, backward=False)
+    cfg = _config(D, backward=False, dtype=q.dtype)
     grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse, kpm, seg, *_strides(q, k, v, kpm, seg), H, S, sm_scale * LOG2E, p_drop, seed,
-        HAS_KPM=kpm is not None, HAS_SEG=seg is not None, HAS_DROPOUT=p_drop > 0, IEEE=q.dtype == torch.float32,
-        HEAD_DIM=D, **cfg,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        kpm,
+        seg,
+        *_strides(q, k, v, kpm, seg),
+        H,
+        S,
+        sm_scale * LOG2E,
+        p_drop,
+        seed,
+        HAS_KPM=kpm is not None,
+        HAS_SEG=seg is not None,
+        HAS_DROPOUT=p_drop > 0,
+        IEEE=q.dtype == torch.float32,
+        HEAD_DIM=D,
+        **cfg,
     )
     return o, lse
 
@@ -287,14 +396,22 @@ def attention_bwd(do, q, k, v, o, lse, kpm, seg, sm_scale, p_drop, seed):
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, S)
     dq, dk, dv = (torch.empty((B, S, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    cfg = _config(D, backward=True)
-    common = dict(HAS_KPM=kpm is not None, HAS_SEG=seg is not None, HAS_DROPOUT=p_drop > 0,
-                  IEEE=q.dtype == torch.float32, HEAD_DIM=D, **cfg)
+    cfg = _config(D, backward=True, dtype=q.dtype)
+    common = dict(
+        HAS_KPM=kpm is not None,
+        HAS_SEG=seg is not None,
+        HAS_DROPOUT=p_drop > 0,
+        IEEE=q.dtype == torch.float32,
+        HEAD_DIM=D,
+        **cfg,
+    )
     args = (*_strides(q, k, v, kpm, seg), H, S, sm_scale * LOG2E, sm_scale, p_drop, seed)
     _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv, kpm, seg, *args, **common)
+        q, k, v, do, lse, delta, dk, dv, kpm, seg, *args, **common
+    )
     _attn_bwd_dq_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, kpm, seg, *args, **common)
+        q, k, v, do, lse, delta, dq, kpm, seg, *args, **common
+    )
     return dq, dk, dv
 
 

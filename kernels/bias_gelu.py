@@ -16,14 +16,17 @@ import triton.language as tl
 from kernels._utils import check_dtype, check_runnable
 
 
-
 @triton.jit
 def _bias_gelu_fwd_kernel(
     X_ptr,  # (M, N)
     B_ptr,  # (N,)
     Y_ptr,  # (M, N)
-    M, N, stride_x_row, stride_y_row,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M,
+    N,
+    stride_x_row,
+    stride_y_row,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -42,8 +45,11 @@ def _bias_gelu_bwd_kernel(
     X_ptr,  # (M, N)
     B_ptr,  # (N,)
     DX_ptr,  # (M, N)
-    M, N, stride_x_row,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M,
+    N,
+    stride_x_row,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,8 +81,9 @@ def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
-    _bias_gelu_fwd_kernel[_grid(x2.shape[0], N)](x2, bias, y, x2.shape[0], N, x2.stride(0), y.stride(0),
-                                                BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    _bias_gelu_fwd_kernel[_grid(x2.shape[0], N)](
+        x2, bias, y, x2.shape[0], N, x2.stride(0), y.stride(0), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N
+    )
     return y.view(x.shape)
 
 
@@ -85,8 +92,9 @@ def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tupl
     x2 = x.reshape(-1, N).contiguous()
     dy2 = dy.reshape(-1, N).contiguous()
     dx = torch.empty_like(x2)
-    _bias_gelu_bwd_kernel[_grid(x2.shape[0], N)](dy2, x2, bias, dx, x2.shape[0], N, x2.stride(0),
-                                                BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    _bias_gelu_bwd_kernel[_grid(x2.shape[0], N)](
+        dy2, x2, bias, dx, x2.shape[0], N, x2.stride(0), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N
+    )
     dbias = dx.sum(0, dtype=torch.float32).to(bias.dtype)
     return dx.view(x.shape), dbias
 

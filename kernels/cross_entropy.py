@@ -24,7 +24,9 @@ def _ce_fwd_kernel(
     Labels_ptr,  # (N,) int64
     Loss_ptr,  # (N,) fp32
     LSE_ptr,  # (N,) fp32
-    V, stride_row, ignore_index,
+    V,
+    stride_row,
+    ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -52,7 +54,10 @@ def _ce_bwd_kernel(
     LSE_ptr,  # (N,)
     DLogits_ptr,  # (N, V)
     Scale_ptr,  # () fp32: dloss / n_valid
-    V, stride_row, stride_drow, ignore_index,
+    V,
+    stride_row,
+    stride_drow,
+    ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -74,16 +79,19 @@ def cross_entropy_fwd(logits, labels, ignore_index):
     check_runnable("cross_entropy", logits, labels)
     check_dtype("cross_entropy", logits)
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"kernels.cross_entropy: logits (N, V) and labels (N,) expected, got "
-                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"kernels.cross_entropy: logits (N, V) and labels (N,) expected, got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     N, V = logits.shape
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
-        _ce_fwd_kernel[(N,)](logits, labels, loss, lse, V, logits.stride(0), ignore_index,
-                             BLOCK_V=_block_v(V), num_warps=8)
+        _ce_fwd_kernel[(N,)](
+            logits, labels, loss, lse, V, logits.stride(0), ignore_index, BLOCK_V=_block_v(V), num_warps=8
+        )
     return loss, lse, logits
 
 
@@ -103,8 +111,19 @@ class _CrossEntropy(torch.autograd.Function):
         dlogits = torch.empty_like(logits)
         scale = (dloss.float() / n_valid).reshape(())
         if N:
-            _ce_bwd_kernel[(N,)](logits, labels.long(), lse, dlogits, scale, V, logits.stride(0),
-                                 dlogits.stride(0), ctx.ignore_index, BLOCK_V=_block_v(V), num_warps=8)
+            _ce_bwd_kernel[(N,)](
+                logits,
+                labels.long(),
+                lse,
+                dlogits,
+                scale,
+                V,
+                logits.stride(0),
+                dlogits.stride(0),
+                ctx.ignore_index,
+                BLOCK_V=_block_v(V),
+                num_warps=8,
+            )
         return dlogits, None, None
 
 

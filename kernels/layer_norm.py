@@ -35,12 +35,22 @@ def _keep(seed, offs, p):
 def _ln_fwd_kernel(
     X_ptr,  # (M, N)
     R_ptr,  # (M, N) residual, or None
-    W_ptr, B_ptr,  # (N,)
+    W_ptr,
+    B_ptr,  # (N,)
     Y_ptr,  # (M, N)
     H_ptr,  # (M, N) pre-norm sum, written when STORE_H
-    Mean_ptr, Rstd_ptr,  # (M,) fp32
-    N, stride_x_row, stride_r_row, eps, p, seed,
-    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    Mean_ptr,
+    Rstd_ptr,  # (M,) fp32
+    N,
+    stride_x_row,
+    stride_r_row,
+    eps,
+    p,
+    seed,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -68,12 +78,19 @@ def _ln_bwd_kernel(
     DY_ptr,  # (M, N)
     H_ptr,  # (M, N) pre-norm sum
     W_ptr,  # (N,)
-    Mean_ptr, Rstd_ptr,  # (M,)
+    Mean_ptr,
+    Rstd_ptr,  # (M,)
     DH_ptr,  # (M, N) gradient of the residual (= of h)
     DX_ptr,  # (M, N) gradient of x (written when HAS_DROPOUT; else DH is dx)
-    DW_ptr, DB_ptr,  # (G, N) fp32 partial sums, one row per program
-    M, N, rows_per_program, p, seed,
-    HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+    DW_ptr,
+    DB_ptr,  # (G, N) fp32 partial sums, one row per program
+    M,
+    N,
+    rows_per_program,
+    p,
+    seed,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -101,7 +118,9 @@ def _ln_bwd_kernel(
         tl.store(DH_ptr + offs, dh.to(DH_ptr.dtype.element_ty), mask=rmask)
         if HAS_DROPOUT:
             keep = _keep(seed, offs.to(tl.uint32), p)
-            tl.store(DX_ptr + offs, tl.where(keep, dh / (1.0 - p), 0.0).to(DX_ptr.dtype.element_ty), mask=rmask)
+            tl.store(
+                DX_ptr + offs, tl.where(keep, dh / (1.0 - p), 0.0).to(DX_ptr.dtype.element_ty), mask=rmask
+            )
     tl.store(DW_ptr + pid * N + cols, dw, mask=mask)
     tl.store(DB_ptr + pid * N + cols, db, mask=mask)
 
@@ -134,9 +153,13 @@ def layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
     if N > MAX_N:
         raise ValueError(f"kernels.layer_norm: hidden size {N} > {MAX_N} is not supported")
     if weight.shape != (N,) or bias.shape != (N,):
-        raise ValueError(f"kernels.layer_norm: weight/bias must be ({N},), got {tuple(weight.shape)}/{tuple(bias.shape)}")
+        raise ValueError(
+            f"kernels.layer_norm: weight/bias must be ({N},), got {tuple(weight.shape)}/{tuple(bias.shape)}"
+        )
     if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"kernels.layer_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        raise ValueError(
+            f"kernels.layer_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}"
+        )
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else None
     M = x2.shape[0]
@@ -147,9 +170,24 @@ def layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     BLOCK_N = triton.next_power_of_2(N)
     _ln_fwd_kernel[(M,)](
-        x2, r2, weight, bias, y, h, mean, rstd,
-        N, x2.stride(0), r2.stride(0) if r2 is not None else 0, eps, dropout_p, seed,
-        HAS_RESIDUAL=r2 is not None, HAS_DROPOUT=dropout_p > 0, STORE_H=store_h, BLOCK_N=BLOCK_N,
+        x2,
+        r2,
+        weight,
+        bias,
+        y,
+        h,
+        mean,
+        rstd,
+        N,
+        x2.stride(0),
+        r2.stride(0) if r2 is not None else 0,
+        eps,
+        dropout_p,
+        seed,
+        HAS_RESIDUAL=r2 is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        STORE_H=store_h,
+        BLOCK_N=BLOCK_N,
         num_warps=_warps(BLOCK_N),
     )
     return y.view(x.shape), h, mean, rstd
@@ -167,8 +205,23 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dropout_p, seed, x_dtype, has_resi
     db = torch.empty((G, N), dtype=torch.float32, device=h.device)
     BLOCK_N = triton.next_power_of_2(N)
     _ln_bwd_kernel[(G,)](
-        dy2, h, weight, mean, rstd, dh, dx, dw, db, M, N, rows_per_program, dropout_p, seed,
-        HAS_DROPOUT=dropout_p > 0, BLOCK_N=BLOCK_N, num_warps=_warps(BLOCK_N),
+        dy2,
+        h,
+        weight,
+        mean,
+        rstd,
+        dh,
+        dx,
+        dw,
+        db,
+        M,
+        N,
+        rows_per_program,
+        dropout_p,
+        seed,
+        HAS_DROPOUT=dropout_p > 0,
+        BLOCK_N=BLOCK_N,
+        num_warps=_warps(BLOCK_N),
     )
     return dx, (dh if has_residual else None), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
@@ -185,8 +238,9 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         h, weight, mean, rstd = ctx.saved_tensors
-        dx, dres, dw, db = layer_norm_bwd(dy, h, weight, mean, rstd, ctx.dropout_p, ctx.seed, ctx.x_dtype,
-                                          ctx.has_residual)
+        dx, dres, dw, db = layer_norm_bwd(
+            dy, h, weight, mean, rstd, ctx.dropout_p, ctx.seed, ctx.x_dtype, ctx.has_residual
+        )
         dres = dres.view(ctx.x_shape) if dres is not None else None
         return dx.view(ctx.x_shape), dw, db, dres, None, None, None
 

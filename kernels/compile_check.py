@@ -1,0 +1,251 @@
+"""python -m kernels.compile_check: compile every kernel for sm_90 (H100/H200) without a GPU.
+
+Builds each kernel at the block sizes and warps its launcher uses, for every dtype it supports,
+with Triton's CUDA backend targeting sm_90, and fails on what would only fail on the GPU: tl.dot
+shapes, layouts, shared memory over 227 KB. Must run without TRITON_INTERPRET (tests run it in a
+subprocess).
+"""
+
+import importlib
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# kernels/__init__ re-exports functions under the module names, so take the modules themselves
+A, G, C, L = (
+    importlib.import_module(f"kernels.{m}") for m in ("attention", "bias_gelu", "cross_entropy", "layer_norm")
+)
+
+SM90_SHARED_BYTES = 232448  # 227 KB per block on H100/H200
+TYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int8: "i8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.uint8: "u8",
+}
+
+
+def compile_sm90(jit_fn, values: dict, num_warps: int, num_stages: int = 3):
+    jf = jit_fn
+    signature, constexprs = {}, {}
+    for i, name in enumerate(jf.arg_names):
+        v = values[name]
+        if i in jf.constexprs or v is None:
+            signature[name] = "constexpr"
+            constexprs[name] = v
+        elif isinstance(v, torch.dtype):
+            signature[name] = "*" + TYPES[v]
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, int):
+            signature[name] = "i32"
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{name}={v!r}")
+    src = ASTSource(jf, signature, constexprs)
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    if compiled.metadata.shared > SM90_SHARED_BYTES:
+        raise RuntimeError(
+            f"{jf.__name__}: {compiled.metadata.shared} B of shared memory > {SM90_SHARED_BYTES}"
+        )
+    print(
+        f"  ok  {jf.__name__:<24} warps {num_warps} stages {num_stages} shared {compiled.metadata.shared:>6} B"
+    )
+    return compiled
+
+
+def ptrs(names, dtype):
+    return dict.fromkeys(names, dtype)
+
+
+ATTN_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def attention_sm90(head_dim, dtype):
+    strides = dict.fromkeys(
+        [
+            "stride_qb",
+            "stride_qs",
+            "stride_qh",
+            "stride_kb",
+            "stride_ks",
+            "stride_kh",
+            "stride_vb",
+            "stride_vs",
+            "stride_vh",
+            "stride_mb",
+            "stride_gb",
+            "H",
+            "S",
+        ],
+        7,
+    )
+    flags = dict(HAS_KPM=True, HAS_SEG=True, HAS_DROPOUT=True, IEEE=dtype == torch.float32, HEAD_DIM=head_dim)
+    fwd_cfg = A._config(head_dim, backward=False, dtype=dtype)
+    bwd_cfg = A._config(head_dim, backward=True, dtype=dtype)
+    launch = lambda cfg: {k: v for k, v in cfg.items() if k.startswith("BLOCK")}  # noqa: E731
+    compile_sm90(
+        A._attn_fwd_kernel,
+        {
+            **ptrs(["Q_ptr", "K_ptr", "V_ptr", "O_ptr"], dtype),
+            "LSE_ptr": torch.float32,
+            "KPM_ptr": torch.int8,
+            "SEG_ptr": torch.int32,
+            **strides,
+            "qk_scale": 0.1,
+            "p_drop": 0.1,
+            "seed": 3,
+            **flags,
+            **launch(fwd_cfg),
+        },
+        fwd_cfg["num_warps"],
+        fwd_cfg["num_stages"],
+    )
+    common = {
+        **ptrs(["Q_ptr", "K_ptr", "V_ptr", "DO_ptr", "DK_ptr", "DV_ptr", "DQ_ptr"], dtype),
+        "LSE_ptr": torch.float32,
+        "Delta_ptr": torch.float32,
+        "KPM_ptr": torch.int8,
+        "SEG_ptr": torch.int32,
+        **strides,
+        "qk_scale": 0.1,
+        "sm_scale": 0.1,
+        "p_drop": 0.1,
+        "seed": 3,
+        **flags,
+        **launch(bwd_cfg),
+    }
+    compile_sm90(A._attn_bwd_dkdv_kernel, common, bwd_cfg["num_warps"], bwd_cfg["num_stages"])
+    compile_sm90(A._attn_bwd_dq_kernel, common, bwd_cfg["num_warps"], bwd_cfg["num_stages"])
+
+
+def layer_norm_sm90(N, dtype):
+    block = triton.next_power_of_2(N)
+    compile_sm90(
+        L._ln_fwd_kernel,
+        {
+            **ptrs(["X_ptr", "R_ptr", "Y_ptr", "H_ptr"], dtype),
+            **ptrs(["W_ptr", "B_ptr"], dtype),
+            **ptrs(["Mean_ptr", "Rstd_ptr"], torch.float32),
+            "N": N,
+            "stride_x_row": N,
+            "stride_r_row": N,
+            "eps": 1e-5,
+            "p": 0.1,
+            "seed": 1,
+            "HAS_RESIDUAL": True,
+            "HAS_DROPOUT": True,
+            "STORE_H": True,
+            "BLOCK_N": block,
+        },
+        L._warps(block),
+    )
+    compile_sm90(
+        L._ln_bwd_kernel,
+        {
+            **ptrs(["DY_ptr", "H_ptr", "W_ptr", "DH_ptr", "DX_ptr"], dtype),
+            **ptrs(["Mean_ptr", "Rstd_ptr", "DW_ptr", "DB_ptr"], torch.float32),
+            "M": 16384,
+            "N": N,
+            "rows_per_program": 31,
+            "p": 0.1,
+            "seed": 1,
+            "HAS_DROPOUT": True,
+            "BLOCK_N": block,
+        },
+        L._warps(block),
+    )
+
+
+def pointwise_sm90():
+    dt = torch.bfloat16
+    blocks = dict(BLOCK_M=G._BLOCK_M, BLOCK_N=G._BLOCK_N)
+    compile_sm90(
+        G._bias_gelu_fwd_kernel,
+        {
+            **ptrs(["X_ptr", "B_ptr", "Y_ptr"], dt),
+            "M": 9,
+            "N": 3072,
+            "stride_x_row": 3072,
+            "stride_y_row": 3072,
+            **blocks,
+        },
+        4,
+    )
+    compile_sm90(
+        G._bias_gelu_bwd_kernel,
+        {
+            **ptrs(["DY_ptr", "X_ptr", "B_ptr", "DX_ptr"], dt),
+            "M": 9,
+            "N": 3072,
+            "stride_x_row": 3072,
+            **blocks,
+        },
+        4,
+    )
+    bv = C._block_v(50265)
+    compile_sm90(
+        C._ce_fwd_kernel,
+        {
+            "Logits_ptr": dt,
+            "Labels_ptr": torch.int64,
+            "Loss_ptr": torch.float32,
+            "LSE_ptr": torch.float32,
+            "V": 50265,
+            "stride_row": 50265,
+            "ignore_index": -100,
+            "BLOCK_V": bv,
+        },
+        8,
+    )
+    compile_sm90(
+        C._ce_bwd_kernel,
+        {
+            "Logits_ptr": dt,
+            "Labels_ptr": torch.int64,
+            "LSE_ptr": torch.float32,
+            "DLogits_ptr": dt,
+            "Scale_ptr": torch.float32,
+            "V": 50265,
+            "stride_row": 50265,
+            "stride_drow": 50265,
+            "ignore_index": -100,
+            "BLOCK_V": bv,
+        },
+        8,
+    )
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print(
+            "compile_check: unset TRITON_INTERPRET (it must be unset before kernels are imported)",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"compiling for sm_90 with triton {triton.__version__}")
+    for head_dim in (64, 128):
+        for dtype in ATTN_DTYPES:
+            print(f"attention head_dim {head_dim} {dtype}")
+            attention_sm90(head_dim, dtype)
+    for n in (768, 1024):
+        for dtype in (torch.bfloat16, torch.float16):
+            print(f"layer_norm N {n} {dtype}")
+            layer_norm_sm90(n, dtype)
+    print("bias_gelu, cross_entropy bf16")
+    pointwise_sm90()
+    print("compile_check: all kernels compiled for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from kernels import cross_entropy, cross_entropy_ref
+from tests.kernels.conftest import ATOL, DEVICE, DTYPES, check_close
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N, V, ignored", [(1, 7, 0), (37, 5003, 5), (64, 50265, 10), (16, 4096, 15)])
+def test_cross_entropy_forward_and_gradient(N, V, ignored, dtype):
+    logits64 = 3 * torch.randn(N, V, dtype=torch.float64, device=DEVICE)
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    labels[torch.randperm(N)[:ignored]] = -100
+    out = {}
+    for name, fn, dt in (
+        ("kernel", cross_entropy, dtype),
+        ("torch", cross_entropy_ref, dtype),
+        ("ref", cross_entropy_ref, torch.float64),
+    ):
+        x = logits64.to(dt).requires_grad_()
+        loss = fn(x, labels)
+        loss.backward(torch.tensor(1.7, dtype=loss.dtype, device=DEVICE))
+        out[name] = (loss, x.grad)
+    check_close(out["kernel"][0], out["torch"][0], out["ref"][0], 1e-5, "loss")
+    check_close(out["kernel"][1], out["torch"][1], out["ref"][1], ATOL[dtype] * 0.1, "dlogits")
+    if ignored:
+        assert (out["kernel"][1][labels == -100] == 0).all()
+
+
+def test_all_rows_ignored_gives_zero_not_nan():
+    x = torch.randn(4, 100, device=DEVICE, requires_grad=True)
+    loss = cross_entropy(x, torch.full((4,), -100, device=DEVICE))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert (
+        cross_entropy(
+            torch.randn(0, 100, device=DEVICE), torch.zeros(0, dtype=torch.long, device=DEVICE)
+        ).item()
+        == 0.0
+    )
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="logits"):
+        cross_entropy(torch.randn(2, 3, 4, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE))

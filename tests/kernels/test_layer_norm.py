@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from kernels import layer_norm, layer_norm_ref
+from kernels.layer_norm import layer_norm_dropout_keep
+from tests.kernels.conftest import ATOL, DEVICE, DTYPES, check_close
+
+SHAPES = [(1, 1, 768), (2, 33, 1000), (4, 16, 1024), (3, 5, 100), (9, 17)]
+
+
+def run_all(shape, dtype, residual, dropout_p=0.0, seed=None):
+    N = shape[-1]
+    x64 = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    r64 = torch.randn(shape, dtype=torch.float64, device=DEVICE) if residual else None
+    w64 = 1 + 0.5 * torch.randn(N, dtype=torch.float64, device=DEVICE)
+    b64 = 0.5 * torch.randn(N, dtype=torch.float64, device=DEVICE)
+    dy64 = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    keep = None
+    if dropout_p > 0:
+        M = x64.numel() // N
+        keep = layer_norm_dropout_keep(seed, M, N, dropout_p, DEVICE).view(shape)
+    out = {}
+    for name, dt in (("kernel", dtype), ("torch", dtype), ("ref", torch.float64)):
+        x, w, b = (t.to(dt).requires_grad_() for t in (x64, w64, b64))
+        r = r64.to(dt).requires_grad_() if residual else None
+        if name == "kernel":
+            y = layer_norm(x, w, b, 1e-5, residual=r, dropout_p=dropout_p, dropout_seed=seed)
+        else:
+            y = layer_norm_ref(x, w, b, 1e-5, residual=r, dropout_p=dropout_p, keep=keep)
+        y.backward(dy64.to(dt))
+        out[name] = [y, x.grad, w.grad, b.grad] + ([r.grad] if residual else [])
+    return out, keep
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_layer_norm_forward_and_every_gradient(shape, dtype, residual):
+    out, _ = run_all(shape, dtype, residual)
+    rows = out["ref"][0].numel() // shape[-1]
+    for i, what in enumerate(["y", "dx", "dweight", "dbias", "dresidual"][: len(out["ref"])]):
+        atol = ATOL[dtype] * (rows**0.5 if what in ("dweight", "dbias") else 1) * 4
+        check_close(out["kernel"][i], out["torch"][i], out["ref"][i], atol, what)
+        assert out["kernel"][i].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_dropout_layer_norm_matches_reference_with_the_same_mask(dtype):
+    out, keep = run_all((3, 20, 768), dtype, residual=True, dropout_p=0.1, seed=1234)
+    frac = keep.float().mean().item()
+    assert 0.87 < frac < 0.93  # p = 0.1
+    rows = 60
+    for i, what in enumerate(["y", "dx", "dweight", "dbias", "dresidual"]):
+        atol = ATOL[dtype] * (rows**0.5 if what in ("dweight", "dbias") else 1) * 4
+        check_close(out["kernel"][i], out["torch"][i], out["ref"][i], atol, what)
+
+
+def test_dropout_is_fresh_per_call_and_reproducible_per_seed():
+    x, w, b = torch.randn(4, 64, device=DEVICE), torch.ones(64, device=DEVICE), torch.zeros(64, device=DEVICE)
+    a = layer_norm(x, w, b, dropout_p=0.5, dropout_seed=7)
+    assert torch.equal(a, layer_norm(x, w, b, dropout_p=0.5, dropout_seed=7))
+    assert not torch.equal(a, layer_norm(x, w, b, dropout_p=0.5))
+
+
+def test_non_contiguous_rows():
+    big = torch.randn(8, 2, 96, device=DEVICE)
+    x = big[:, 0]  # row stride 192
+    w, b = torch.randn(96, device=DEVICE), torch.randn(96, device=DEVICE)
+    assert torch.allclose(layer_norm(x, w, b), layer_norm_ref(x, w, b), atol=1e-5)
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="residual shape"):
+        layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8), residual=torch.randn(2, 7))
+    with pytest.raises(TypeError, match="dtype torch.int64 is not supported"):
+        layer_norm(torch.ones(2, 8, dtype=torch.long), torch.ones(8), torch.zeros(8))
