@@ -4,7 +4,8 @@
   torchrun --nproc_per_node 2 train.py --config configs/tiny_cpu.yaml --deepspeed_config ds_configs/cpu_zero3.json
   python train.py ...   (one process)
 Exit codes: 0 done; 99 preempted or time limit (checkpoint saved: run again to resume);
-98 too many consecutive non-finite losses (checkpoint saved); 2 bad configuration.
+98 too many consecutive non-finite losses (checkpoint saved); 2 bad configuration;
+3 the process group could not form (unreachable master, RDZV_TIMEOUT).
 """
 
 import argparse
@@ -14,6 +15,7 @@ import sys
 from roberta_ds.config import ConfigError, load_run_config
 from roberta_ds.data.dataset import DatasetError
 from roberta_ds.training.checkpoint import CheckpointError
+from roberta_ds.training.distributed import RendezvousError
 from roberta_ds.training.ds_config import DSConfigError
 
 
@@ -56,6 +58,9 @@ def main(argv=None) -> int:
     except (ConfigError, DSConfigError, DatasetError, CheckpointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except RendezvousError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 3
     return trainer.fit()
 
 

@@ -6,6 +6,7 @@
 #                GPU machine with CUDA torch already in the active env, set TORCH_SPEC=skip)
 #   VENV         virtualenv folder (default .venv; VENV=none uses the active Python)
 #   SETUP_APT    0 to skip apt-get (python3.11-doc for the corpus, Open MPI)
+#   SETUP_TEST   1 to add what the tests need beyond that (a real Slurm: slurmctld, slurmd, munge)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -15,6 +16,9 @@ if [ "${SETUP_APT:-1}" = 1 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 
   want=()
   [ -d /usr/share/doc/python3.11/html/_sources ] || want+=(python3.11-doc)
   command -v mpirun >/dev/null || want+=(openmpi-bin libopenmpi-dev)
+  if [ "${SETUP_TEST:-0}" = 1 ]; then
+    command -v slurmctld >/dev/null || want+=(slurmctld slurmd slurm-client munge)
+  fi
   if ((${#want[@]})); then
     echo "setup: apt-get install ${want[*]}"
     apt-get update -qq >/dev/null

@@ -1,5 +1,10 @@
 """Process-group start-up for every launcher: torchrun / deepspeed (env://), srun (SLURM_*),
-mpirun (mpi4py discovery through DeepSpeed), or a plain `python train.py` (one process)."""
+mpirun (mpi4py discovery), or a plain `python train.py` (one process).
+
+MPI discovery is ours, not DeepSpeed's `auto_mpi_discovery`: DeepSpeed overwrites MASTER_ADDR with
+the first address of `hostname -I`, which is the wrong network on clusters with several (and leaves
+no way to pin it); here an exported MASTER_ADDR/MASTER_PORT wins and rank 0's host name is the default.
+The rendezvous is bounded by RDZV_TIMEOUT seconds (default 600) and failures name the master."""
 
 from __future__ import annotations
 
@@ -8,6 +13,10 @@ import os
 import socket
 
 import torch
+
+
+class RendezvousError(RuntimeError):
+    pass
 
 
 def _free_port() -> int:
@@ -48,21 +57,53 @@ def expected_world_size() -> int:
     return 1
 
 
-def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
+def fill_env_from_mpi() -> None:
+    """mpirun / srun --mpi=pmix: rank, size and local rank from mpi4py; the master from the env
+    or rank 0's host name, the port from the env or one rank 0 finds free."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    master = (
+        os.environ.get("MASTER_ADDR") or socket.gethostname(),
+        os.environ.get("MASTER_PORT") or str(_free_port()),
+    )
+    master = comm.bcast(master, root=0)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(local.Get_rank()),
+        MASTER_ADDR=master[0],
+        MASTER_PORT=master[1],
+    )
+    local.Free()
+
+
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, int]:
     """Start the default process group; returns (rank, local_rank, world_size)."""
     import deepspeed
 
     env = os.environ
     fill_env_from_slurm()
-    if "RANK" not in env and not _under_mpi():  # plain `python train.py`: a world of one
+    if "RANK" not in env and _under_mpi():
+        fill_env_from_mpi()
+    if "RANK" not in env:  # plain `python train.py`: a world of one
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
+    timeout_s = timeout_s or float(env.get("RDZV_TIMEOUT", 600))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=True,  # mpirun: mpi4py supplies rank, size and the master address
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    except Exception as e:  # TCPStore timeouts and refused connections come in several types
+        raise RendezvousError(
+            f"rank {env['RANK']}/{env['WORLD_SIZE']} could not join the process group at master "
+            f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} within {timeout_s:.0f} s (RDZV_TIMEOUT): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Check that rank 0 started, "
+            "that MASTER_ADDR resolves on every node and that the port is open."
+        ) from None
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(env.get("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
     if torch.cuda.is_available():

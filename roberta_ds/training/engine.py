@@ -26,7 +26,7 @@ from roberta_ds.training import checkpoint, ds_config
 from roberta_ds.training.distributed import all_agree, barrier, device, expected_world_size, init_distributed
 from roberta_ds.training.metrics import MetricsLog, peak_flops
 from roberta_ds.training.optim import build_optimizer, lr_lambda
-from roberta_ds.training.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, StopFlag
+from roberta_ds.training.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, PREEMPTED_MARKER, StopFlag
 
 log = logging.getLogger("roberta_ds.train")
 
@@ -271,6 +271,8 @@ class Trainer:
             if all_agree(stop.requested()):
                 self._log(f"stopping at step {self.step}: {stop.reason or 'another rank was asked to'}")
                 self.save()
+                if self.rank == 0:  # read by slurm/common.sh: requeue even if srun reports a kill
+                    (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
                 return EXIT_PREEMPTED
             torch.manual_seed(t.seed * 1_000_003 + self.step * 1_009 + self.rank)  # dropout RNG per step
             loss_sum = torch.zeros((), device=self.device)

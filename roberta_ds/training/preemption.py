@@ -7,7 +7,11 @@ import signal
 import time
 
 EXIT_PREEMPTED = 99  # documented in README: "checkpoint saved, resubmit/requeue to continue"
-EXIT_NONFINITE = 98  # too many consecutive non-finite losses; a checkpoint was saved
+EXIT_NONFINITE = 98
+# Written into the run folder by rank 0 once the preemption checkpoint is complete. Launchers that
+# kill the remaining ranks when the first exits (srun --kill-on-bad-exit) may report another exit
+# code; this file is the reliable signal to requeue.
+PREEMPTED_MARKER = "PREEMPTED"  # too many consecutive non-finite losses; a checkpoint was saved
 
 
 class StopFlag:

@@ -1,0 +1,67 @@
+# Helpers shared by the sbatch scripts (sourced). Sets MASTER_ADDR/MASTER_PORT, checks the
+# allocation and the input files, and activates the project's environment.
+
+die() { echo "roberta-ds: error: $*" >&2; exit 1; }
+
+cd "${SLURM_SUBMIT_DIR:-.}" || die "cannot enter the submit folder ${SLURM_SUBMIT_DIR}"
+[ -f train.py ] || die "submit from the roberta-ds checkout (train.py not found in $PWD)"
+# shellcheck disable=SC1091
+source slurm/env.sh
+if [ -n "${VENV:-.venv}" ] && [ -f "${VENV:-.venv}/bin/activate" ]; then
+  # shellcheck disable=SC1091
+  source "${VENV:-.venv}/bin/activate"
+fi
+
+# Train arguments: the sbatch command line passes through to train.py; CONFIG/DS_CONFIG/RUN_DIR
+# from the environment fill in what it does not say.
+CONFIG=${CONFIG:-configs/base.yaml}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-roberta}-${SLURM_JOB_ID:-local}}
+REST=()
+while (($#)); do
+  case "$1" in
+    --config) CONFIG=$2; shift 2 ;;
+    --deepspeed_config|--deepspeed-config) DS_CONFIG=$2; shift 2 ;;
+    --run_dir|--run-dir) RUN_DIR=$2; shift 2 ;;
+    *) REST+=("$1"); shift ;;
+  esac
+done
+TRAIN_ARGS=(--config "$CONFIG" --deepspeed_config "$DS_CONFIG" --run_dir "$RUN_DIR" "${REST[@]}")
+[ -f "$CONFIG" ] || die "config not found: $CONFIG (set CONFIG=... or pass --config)"
+[ -f "$DS_CONFIG" ] || die "DeepSpeed config not found: $DS_CONFIG (set DS_CONFIG=... or pass --deepspeed_config)"
+
+# The allocation: nodes x tasks per node, from #SBATCH lines or the sbatch command line.
+NNODES=${SLURM_NNODES:?not inside a Slurm job}
+TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-${GPUS_PER_NODE:-}}
+[ -n "$TASKS_PER_NODE" ] || die "set --ntasks-per-node (one task per GPU)"
+WORLD=$((NNODES * TASKS_PER_NODE))
+if [ -n "${EXPECTED_NODES:-}" ] && [ "$EXPECTED_NODES" != "$NNODES" ]; then
+  die "this job expects EXPECTED_NODES=$EXPECTED_NODES nodes but Slurm allocated $NNODES ($SLURM_JOB_NODELIST)"
+fi
+if [ -n "${SLURM_NTASKS:-}" ] && [ "$SLURM_NTASKS" != "$WORLD" ]; then
+  die "SLURM_NTASKS=$SLURM_NTASKS != nodes $NNODES x tasks per node $TASKS_PER_NODE; use --ntasks-per-node only"
+fi
+
+# Rendezvous: the first host of the allocation; a port derived from the job id so that jobs
+# sharing a node do not collide (override with MASTER_ADDR/MASTER_PORT).
+MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}
+export MASTER_ADDR MASTER_PORT
+echo "roberta-ds: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $NNODES nodes x $TASKS_PER_NODE tasks = world $WORLD," \
+     "master $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
+
+# After train.py: exit 99 or the run folder's PREEMPTED marker (written once the checkpoint is
+# complete; srun may report a kill instead of 99 when it ends the slower ranks) = preempted or out
+# of time -> requeue; the requeued job resumes from the run folder's `latest` (train.resume: auto).
+rm -f "$RUN_DIR/PREEMPTED"
+finish() {
+  local rc=$1
+  if [ "$rc" -eq 99 ] || [ -f "$RUN_DIR/PREEMPTED" ]; then
+    rm -f "$RUN_DIR/PREEMPTED"
+    echo "roberta-ds: checkpoint saved after a stop signal; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue failed; resubmit to resume from $RUN_DIR"
+    exit 0
+  fi
+  [ "$rc" -eq 0 ] || echo "roberta-ds: training failed with exit code $rc" >&2
+  exit "$rc"
+}

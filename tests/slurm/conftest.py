@@ -1,0 +1,20 @@
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.cluster import Cluster, available
+from tests.training.conftest import kjv_dataset  # noqa: F401  (shared fixture)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    why = available()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Slurm tests: {why}")
+        pytest.skip(why)
+    c = Cluster(Path(tempfile.mkdtemp(prefix="rds-slurm-"))).start()
+    yield c
+    c.stop()

@@ -1,0 +1,99 @@
+"""slurm/pretrain.sbatch against a real Slurm (2 simulated nodes x 2 tasks, CPU/gloo)."""
+
+import json
+import time
+
+import pytest
+
+from tests.training.conftest import ROOT, losses, write_config, write_ds
+
+pytestmark = pytest.mark.multiproc
+ALLOC = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=15"]
+
+
+def submit(cluster, tmp_path, cfg, ds, *extra_args, env=None, script="slurm/pretrain.sbatch"):
+    log = tmp_path / "job-%j.out"
+    jid = cluster.sbatch(
+        [
+            *ALLOC,
+            f"--output={log}",
+            script,
+            "--config",
+            str(cfg),
+            "--deepspeed_config",
+            str(ds),
+            "--run_dir",
+            str(tmp_path / "run"),
+            *extra_args,
+        ],
+        cwd=ROOT,
+        env={"OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    return jid, tmp_path / f"job-{jid}.out"
+
+
+def test_sbatch_two_nodes_trains_with_world_size_four(cluster, kjv_dataset, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run", max_steps=12, save_every=6)
+    ds = write_ds(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
+    jid, log = submit(cluster, tmp_path, cfg, ds)
+    info = cluster.wait_job(jid)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert "world 4" in text and "master 127.0.0.1:" in text
+    assert "global batch 16 = micro 4 x accumulation 1 x 4 ranks" in text
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 13))
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+    assert (
+        len(list((tmp_path / "run" / "checkpoints" / "step_00000012").glob("zero_pp_rank_*_model_states.pt")))
+        == 4
+    )
+
+
+def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, kjv_dataset, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run", max_steps=120, save_every=0)
+    ds = write_ds(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
+    jid, log = submit(cluster, tmp_path, cfg, ds)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and max(losses(metrics.parent), default=0) >= 5):
+        time.sleep(0.5)
+    cluster.run(["scancel", "--signal=USR1", str(jid)])  # what --signal=USR1@180 sends before the time limit
+    info = cluster.wait_job(jid, timeout=400, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert int(info["Restarts"]) == 1
+    assert "requeueing job" in text and "restart 1" in text
+    stopped = int(text.split("stopping at step ")[1].split(":")[0])
+    assert f"resumed from {tmp_path}/run/checkpoints/step_{stopped:08d} at step {stopped}" in text
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert rows[-1]["step"] == 120 and stopped < 120
+
+
+def test_wrong_node_count_fails_with_a_message(cluster, kjv_dataset, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run")
+    ds = write_ds(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
+    jid, log = submit(cluster, tmp_path, cfg, ds, env={"EXPECTED_NODES": "3"})
+    info = cluster.wait_job(jid, timeout=60)
+    assert info["JobState"] == "FAILED"
+    assert "expects EXPECTED_NODES=3 nodes but Slurm allocated 2" in log.read_text()
+
+
+def test_missing_config_fails_with_a_message(cluster, tmp_path):
+    jid, log = submit(cluster, tmp_path, tmp_path / "nope.yaml", "ds_configs/cpu_zero3.json")
+    info = cluster.wait_job(jid, timeout=60)
+    assert info["JobState"] == "FAILED"
+    assert f"config not found: {tmp_path}/nope.yaml" in log.read_text()
+
+
+def test_batch_size_that_does_not_fit_the_world_fails_before_training(cluster, kjv_dataset, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run")
+    ds = write_ds(
+        tmp_path / "ds.json", train_batch_size=8, train_micro_batch_size_per_gpu=4
+    )  # needs 16 at world 4
+    jid, log = submit(cluster, tmp_path, cfg, ds)
+    info = cluster.wait_job(jid, timeout=120)
+    assert info["JobState"] == "FAILED"
+    assert (
+        "train_batch_size=8 is not divisible by train_micro_batch_size_per_gpu=4 x world size 4"
+        in log.read_text()
+    )
