@@ -109,13 +109,16 @@ class RobertaMLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int, mlm_fraction: float = 0.15) -> float:
-        """Training FLOPs per input token (forward + backward = 3x forward, matmuls only).
+        return flops_per_token(self.cfg, seq_len, mlm_fraction)
 
-        Per layer: QKV 6D^2, attention output 2D^2, FFN 4DF (x2 for multiply-add), scores and
-        weighted sum 4SD; the head: dense 2D^2 + decoder 2DV on the masked fraction only.
-        """
-        c = self.cfg
-        D, F_, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_layers
-        per_layer = 2 * (4 * D * D + 2 * D * F_) + 4 * seq_len * D
-        head = mlm_fraction * (2 * D * D + 2 * D * V)
-        return 3.0 * (L * per_layer + head)
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, mlm_fraction: float = 0.15) -> float:
+    """Training FLOPs per input token (forward + backward = 3x forward, matmuls only).
+
+    Per layer: QKV 6D^2, attention output 2D^2, FFN 4DF (x2 for multiply-add), scores and
+    weighted sum 4SD; the head: dense 2D^2 + decoder 2DV on the masked fraction only.
+    """
+    D, F_, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    per_layer = 2 * (4 * D * D + 2 * D * F_) + 4 * seq_len * D
+    head = mlm_fraction * (2 * D * D + 2 * D * V)
+    return 3.0 * (L * per_layer + head)

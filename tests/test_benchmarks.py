@@ -1,0 +1,114 @@
+"""The benchmark entry points run and write their rows (CPU smoke; the numbers come from a GPU)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.training.conftest import kjv_dataset  # noqa: F401  (shared fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, env=None, timeout=600):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_kernel_bench_smoke(tmp_path):
+    res = run(
+        [
+            "kernels.bench",
+            "--smoke",
+            "--dtype",
+            "fp32",
+            "--kernels",
+            "layer_norm,cross_entropy",
+            "--csv",
+            str(tmp_path / "k.csv"),
+            "--plot-dir",
+            str(tmp_path),
+        ],
+        env={"TRITON_INTERPRET": "1"},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "k.csv").open()))
+    assert {r["kernel"] for r in rows} == {"layer_norm", "cross_entropy"}
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"} and all(
+        r["commit"] and r["device"] for r in rows
+    )
+    assert (tmp_path / "layer_norm.png").stat().st_size > 0
+
+
+def test_kernel_bench_refuses_cpu_without_smoke():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-m", "kernels.bench"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "needs a CUDA GPU" in res.stderr
+
+
+@pytest.mark.multiproc
+def test_data_bench(tmp_path, kjv_dataset):
+    corpus = kjv_dataset.parent / "kjv.jsonl"
+    res = run(
+        [
+            "roberta_ds.bench",
+            "data",
+            "--corpus",
+            str(corpus),
+            "--tokenizer",
+            "gpt2",
+            "--seq-len",
+            "128",
+            "--num-proc",
+            "1",
+            "--csv",
+            str(tmp_path / "d.csv"),
+        ]
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "d.csv").open()))
+    # the same tokens on both sides: ours has one </s> per document, run_mlm.py <s> and </s>
+    assert len(rows) == 2 and int(rows[1]["tokens"]) - int(rows[0]["tokens"]) == 150
+    assert float(rows[0]["bytes_per_token"]) < float(rows[1]["bytes_per_token"])
+    assert "speed-up" in res.stdout
+
+
+@pytest.mark.multiproc
+def test_e2e_bench_tiny_on_cpu(tmp_path):
+    res = run(
+        [
+            "roberta_ds.bench",
+            "e2e",
+            "--presets",
+            "tiny",
+            "--seq-lens",
+            "32",
+            "--impls",
+            "ours-torch,hf-sdpa",
+            "--micro-batch",
+            "4",
+            "--deepspeed_config",
+            "ds_configs/cpu_zero3.json",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--csv",
+            str(tmp_path / "e.csv"),
+            "--plot",
+            str(tmp_path / "e.png"),
+        ]
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "e.json").read_text())
+    assert [r["impl"] for r in rows] == ["ours-torch", "hf-sdpa"]
+    assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 for r in rows)
+    assert (tmp_path / "e.png").stat().st_size > 0
