@@ -62,7 +62,8 @@ def append_csv(path: str | Path, rows: list[dict]) -> Path:
             header = next(csv.reader(f), [])
         fields = header + [k for k in fields if k not in header]
         if fields != header:  # new columns: rewrite with the wider header
-            old = list(csv.DictReader(path.open()))
+            with path.open() as f:
+                old = list(csv.DictReader(f))
             rows = old + rows
             path.unlink()
     new = not path.exists()

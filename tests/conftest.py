@@ -7,6 +7,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json  # noqa: E402
 import random  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -18,6 +19,27 @@ def _seed():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def kjv_dataset(tmp_path_factory):
+    """A small real-text dataset: 150 chapters of the King James Bible, BPE 512, blocks of 64."""
+    from roberta_ds.data.corpus import kjv_documents
+    from roberta_ds.data.prepare import prepare
+
+    d = tmp_path_factory.mktemp("kjv")
+    with (d / "kjv.jsonl").open("w") as f:
+        for _, doc in zip(range(150), kjv_documents()):
+            f.write(json.dumps({"text": doc}) + "\n")
+    return prepare(
+        [str(d / "kjv.jsonl")],
+        d / "ds",
+        vocab_size=512,
+        seq_len=64,
+        valid_every=15,
+        num_proc=1,
+        progress=False,
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.conftest import kjv_dataset  # noqa: F401  (shared fixture)
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,7 +75,7 @@ def test_data_bench(tmp_path, kjv_dataset):
     rows = list(csv.DictReader((tmp_path / "d.csv").open()))
     # the same tokens on both sides: ours has one </s> per document, run_mlm.py <s> and </s>
     assert len(rows) == 2 and int(rows[1]["tokens"]) - int(rows[0]["tokens"]) == 150
-    assert float(rows[0]["bytes_per_token"]) < float(rows[1]["bytes_per_token"])
+    assert float(rows[0]["token_bytes_per_token"]) < float(rows[1]["token_bytes_per_token"])
     assert "speed-up" in res.stdout
 
 

@@ -130,10 +130,14 @@ class Cluster:
         default.symlink_to(sock)
 
     def _spawn(self, cmd: list[str]) -> None:
-        log = open(self.d / f"{Path(cmd[0]).name}-{len(self.procs)}.out", "w")
-        self.procs.append(
-            subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        )
+        with open(
+            self.d / f"{Path(cmd[0]).name}-{len(self.procs)}.out", "w"
+        ) as log:  # the child keeps its fd
+            self.procs.append(
+                subprocess.Popen(
+                    cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
 
     def _wait(self, ok, what: str, timeout: float = 30) -> None:
         deadline = time.time() + timeout

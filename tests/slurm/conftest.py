@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.cluster import Cluster, available
-from tests.training.conftest import kjv_dataset  # noqa: F401  (shared fixture)
 
 
 @pytest.fixture(scope="session")

@@ -4,30 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def kjv_dataset(tmp_path_factory):
-    """A small real-text dataset: 150 chapters of the King James Bible, BPE 512, blocks of 64."""
-    from roberta_ds.data.corpus import kjv_documents
-    from roberta_ds.data.prepare import prepare
-
-    d = tmp_path_factory.mktemp("kjv")
-    with (d / "kjv.jsonl").open("w") as f:
-        for _, doc in zip(range(150), kjv_documents()):
-            f.write(json.dumps({"text": doc}) + "\n")
-    return prepare(
-        [str(d / "kjv.jsonl")],
-        d / "ds",
-        vocab_size=512,
-        seq_len=64,
-        valid_every=15,
-        num_proc=1,
-        progress=False,
-    )
 
 
 def write_config(path: Path, dataset: Path, run_dir: Path, **train) -> Path:
