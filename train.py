@@ -11,6 +11,7 @@ Exit codes: 0 done; 99 preempted or time limit (checkpoint saved: run again to r
 import argparse
 import logging
 import sys
+import warnings
 
 from roberta_ds.config import ConfigError, load_run_config
 from roberta_ds.data.dataset import DatasetError
@@ -44,6 +45,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step.
+    warnings.filterwarnings(
+        "ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = {
         k: v

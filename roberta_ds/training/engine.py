@@ -305,7 +305,7 @@ class Trainer:
             if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                 self.save()
         bar.close()
-        if t.eval_every:
+        if t.eval_every and self.step % t.eval_every:  # else it just ran inside the loop
             self.evaluate()
         self.save()
         self.metrics.close()

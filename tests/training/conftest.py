@@ -43,6 +43,7 @@ def write_ds(path: Path, **extra) -> Path:
         "train_micro_batch_size_per_gpu": 4,
         "zero_optimization": {"stage": 3},
         "steps_per_print": 10**6,
+        "csv_monitor": {"enabled": True},
         **extra,
     }
     path.write_text(json.dumps(cfg))

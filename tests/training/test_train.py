@@ -41,6 +41,10 @@ def test_zero3_two_processes_lower_the_loss(reference_run):
         assert key in rows[0]
     assert rows[0]["lr"] < rows[4]["lr"] and rows[-1]["lr"] < rows[10]["lr"]  # warmup, then decay
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+    monitor = (
+        (run_dir / "monitor" / "train" / "Train_loss.csv").read_text().splitlines()
+    )  # DeepSpeed's CSV monitor
+    assert len(monitor) >= 30
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert kept == ["step_00000010", "step_00000020", "step_00000030"]
 
@@ -180,3 +184,55 @@ def test_nonfinite_losses_skip_steps_then_stop_with_checkpoint(kjv_dataset, tmp_
     assert rows[-1]["skipped_steps"] == 3  # DeepSpeed discarded those updates
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000005"
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_00000005")
+
+
+def test_continued_pretraining_from_a_hugging_face_folder(kjv_dataset, tmp_path):
+    """init_from_hf loads the weights into the ZeRO-3-partitioned model (lr 0 keeps them as they are)."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from roberta_ds.export import consolidated_state_dict
+    from roberta_ds.model.hf import state_dict_from_hf
+
+    hf = RobertaForMaskedLM(
+        RobertaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=66,
+            type_vocab_size=1,
+        )
+    )
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        kjv_dataset,
+        tmp_path / "run",
+        max_steps=1,
+        lr=0.0,
+        init_from_hf=str(tmp_path / "hf"),
+    )
+    ok(launch("python", 1, cfg, write_ds(tmp_path / "ds.json")))
+    got = consolidated_state_dict(tmp_path / "run" / "checkpoints" / "step_00000001")
+    want = state_dict_from_hf(hf.state_dict(), 2)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k].float()), k
+
+
+def test_wall_clock_limit_checkpoints_and_exits_99(kjv_dataset, tmp_path):
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        kjv_dataset,
+        tmp_path / "run",
+        max_steps=1000,
+        save_every=0,
+        time_limit_minutes=0.05,
+    )
+    res = launch("python", 1, cfg, write_ds(tmp_path / "ds.json"))
+    assert res.returncode == 99, res.stderr[-3000:]
+    assert "time limit" in res.stderr
+    stopped = max(losses(tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    assert (tmp_path / "run" / "PREEMPTED").is_file()
