@@ -51,6 +51,45 @@ def _visible(
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b in fp32; IEEE for fp32 inputs (Hopper's default tf32 would cost ~1e-3 accuracy)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _probs_and_dscores(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    vis,
+    bh,
+    rows,
+    cols,
+    S,
+    qk_scale,
+    p_drop,
+    seed,
+    HAS_DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Backward recomputation for one (BLOCK_M, BLOCK_N) tile: P (dropped, for dV) and dS (for dQ, dK).
+    P = exp2(S * scale * log2e - lse); dP = dO V^T (x dropout mask); dS = P * (dP - rowsum(dO * O))."""
+    p = tl.where(vis, tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), IEEE)
+    if HAS_DROPOUT:
+        z = tl.where(_keep(seed, bh, rows, cols, S, p_drop), 1.0 / (1.0 - p_drop), 0.0)
+        return p * z, p * (dp * z - delta[:, None])
+    else:
+        return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q_ptr,
     K_ptr,
@@ -101,12 +140,8 @@ def _attn_fwd_kernel(
         cols = start_n + offs_n
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=cols[:, None] < S, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=cols[:, None] < S, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
         vis = _visible(KPM_ptr, SEG_ptr, b, rows, cols, S, stride_mb, stride_gb, HAS_KPM, HAS_SEG)
-        s = tl.where(vis, s, -float("inf"))
+        s = tl.where(vis, _dot(q, tl.trans(k), IEEE) * qk_scale, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
         alpha = tl.exp2(m_i - m_safe)
@@ -114,10 +149,7 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
             p = tl.where(_keep(seed, bh, rows, cols, S, p_drop), p / (1.0 - p_drop), 0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -191,27 +223,12 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(do_ptrs, mask=rows[:, None] < S, other=0.0)
         lse = tl.load(LSE_ptr + bh.to(tl.int64) * S + rows, mask=rows < S, other=float("inf"))
         delta = tl.load(Delta_ptr + bh.to(tl.int64) * S + rows, mask=rows < S, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            dp = tl.dot(do, tl.trans(v))
         vis = _visible(KPM_ptr, SEG_ptr, b, rows, cols, S, stride_mb, stride_gb, HAS_KPM, HAS_SEG)
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
-        if HAS_DROPOUT:
-            z = tl.where(_keep(seed, bh, rows, cols, S, p_drop), 1.0 / (1.0 - p_drop), 0.0)
-            pz = p * z
-            dp = dp * z
-        else:
-            pz = p
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dv += tl.dot(tl.trans(pz.to(do.dtype)), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(pz.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        pz, ds = _probs_and_dscores(
+            q, k, v, do, lse, delta, vis, bh, rows, cols, S, qk_scale, p_drop, seed, HAS_DROPOUT, IEEE
+        )
+        dv += _dot(tl.trans(pz.to(do.dtype)), do, IEEE)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     out = ((b.to(tl.int64) * S + cols[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
     tl.store(DK_ptr + out, (dk * sm_scale).to(DK_ptr.dtype.element_ty), mask=cols[:, None] < S)
     tl.store(DV_ptr + out, dv.to(DV_ptr.dtype.element_ty), mask=cols[:, None] < S)
@@ -276,21 +293,11 @@ def _attn_bwd_dq_kernel(
         cols = start_n + offs_n
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=cols[:, None] < S, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=cols[:, None] < S, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            dp = tl.dot(do, tl.trans(v))
         vis = _visible(KPM_ptr, SEG_ptr, b, rows, cols, S, stride_mb, stride_gb, HAS_KPM, HAS_SEG)
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        if HAS_DROPOUT:
-            dp = dp * tl.where(_keep(seed, bh, rows, cols, S, p_drop), 1.0 / (1.0 - p_drop), 0.0)
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        _, ds = _probs_and_dscores(
+            q, k, v, do, lse, delta, vis, bh, rows, cols, S, qk_scale, p_drop, seed, HAS_DROPOUT, IEEE
+        )
+        dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(DQ_ptr + io, (dq * sm_scale).to(DQ_ptr.dtype.element_ty), mask=rows[:, None] < S)
 
 
