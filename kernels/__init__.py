@@ -4,6 +4,8 @@
 - layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0): LayerNorm(dropout(x) + residual)
 - bias_gelu(x, bias): gelu(x + bias), exact erf GELU
 - cross_entropy(logits, labels, ignore_index=-100): mean over non-ignored rows, 0 if none
+- linear_cross_entropy(h, weight, bias, labels): the decoder projection fused with cross_entropy, in
+  row chunks, so the (tokens, vocab) logits never exist at once; returns (loss, rows predicted right)
 
 Kernels run on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (set before importing this package).
 """
@@ -12,6 +14,7 @@ from kernels.attention import attention, attention_ref
 from kernels.bias_gelu import bias_gelu, bias_gelu_ref
 from kernels.cross_entropy import cross_entropy, cross_entropy_ref
 from kernels.layer_norm import layer_norm, layer_norm_ref
+from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 __all__ = [
     "attention",
@@ -22,4 +25,6 @@ __all__ = [
     "cross_entropy_ref",
     "layer_norm",
     "layer_norm_ref",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
 ]

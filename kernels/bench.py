@@ -5,6 +5,8 @@ presets (seq 128 and 512, ~16K tokens per batch), timed with triton.testing.do_b
 20/80% quantiles), against torch eager, torch.compile and, for attention, every SDPA backend this
 machine has (flash, cuDNN, efficient). Prints a table (ms, TFLOP/s or GB/s, speed-up over eager),
 appends rows (device, versions, commit) to a CSV and draws a PNG per kernel.
+linear_cross_entropy computes its gradients during the forward (so that the logits can be freed):
+compare it on fwd+bwd. peak_extra_mib is the peak memory above what was allocated before the call.
 --smoke runs the same code on CPU (Triton interpreter, tiny shapes, wall-clock timing): it checks
 the script, not the speed.
 """
@@ -149,6 +151,23 @@ def cross_entropy_cases(N, V, dtype, device):
     return cases, [logits], None, nbytes
 
 
+def linear_cross_entropy_cases(N, D, V, dtype, device):
+    from kernels import linear_cross_entropy, linear_cross_entropy_ref
+
+    h = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)
+    w = (0.02 * torch.randn(V, D, device=device, dtype=dtype)).requires_grad_()
+    b = torch.zeros(V, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, V, (N,), device=device)
+    compiled = torch.compile(lambda *a: linear_cross_entropy_ref(*a)[0])
+    cases = {
+        "triton-fused": lambda: linear_cross_entropy(h, w, b, labels)[0],
+        "eager": lambda: linear_cross_entropy_ref(h, w, b, labels)[0],  # full (N, V) logits + F.cross_entropy
+        "compile": lambda: compiled(h, w, b, labels),
+    }
+    flops = {"fwd": 2 * N * D * V, "bwd": 4 * N * D * V, "fwd+bwd": 6 * N * D * V}
+    return cases, [h, w, b], flops, None
+
+
 def shapes(smoke: bool):
     """(kernel, label, builder) at the presets' shapes: ~16K tokens per batch, seq 128 and 512."""
     if smoke:
@@ -156,6 +175,11 @@ def shapes(smoke: bool):
         yield "layer_norm", "M64 N768", lambda dt, dev: layer_norm_cases(64, 768, dt, dev)
         yield "bias_gelu", "M32 N3072", lambda dt, dev: bias_gelu_cases(32, 3072, dt, dev)
         yield "cross_entropy", "N16 V4096", lambda dt, dev: cross_entropy_cases(16, 4096, dt, dev)
+        yield (
+            "linear_cross_entropy",
+            "N64 D64 V4096",
+            lambda dt, dev: linear_cross_entropy_cases(64, 64, 4096, dt, dev),
+        )
         return
     tokens = 16384
     for preset, (D, H, F_) in PRESETS.items():
@@ -181,6 +205,12 @@ def shapes(smoke: bool):
         f"N{int(tokens * 0.15)} V{VOCAB}",
         lambda dt, dev: cross_entropy_cases(int(tokens * 0.15), VOCAB, dt, dev),
     )
+    for preset, (D, _, _) in PRESETS.items():  # the MLM head: 15% of 16K tokens through the tied decoder
+        yield (
+            "linear_cross_entropy",
+            f"{preset} N{int(tokens * 0.15)} D{D} V{VOCAB}",
+            lambda dt, dev, D=D: linear_cross_entropy_cases(int(tokens * 0.15), D, VOCAB, dt, dev),
+        )
 
 
 def run(args) -> list[dict]:
@@ -195,7 +225,7 @@ def run(args) -> list[dict]:
             continue
         cases, inputs, flops, nbytes = build(dtype, device)
         for impl, fn in cases.items():
-            if args.smoke and impl != "triton" and impl != "eager":
+            if args.smoke and impl not in ("triton", "triton-fused", "eager"):
                 continue  # torch.compile / SDPA backends need a GPU worth timing
             try:
                 modes = _modes(fn, inputs)
@@ -203,7 +233,14 @@ def run(args) -> list[dict]:
                 print(f"skip {kernel} {impl}: {str(e).splitlines()[0]}")
                 continue
             for mode, f in modes.items():
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base_mem = torch.cuda.memory_allocated()
                 ms, lo, hi = bench(f)
+                peak_mib = (
+                    (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if device == "cuda" else None
+                )
                 row = {
                     "bench": "kernel",
                     **info,
@@ -215,6 +252,7 @@ def run(args) -> list[dict]:
                     "ms": ms,
                     "ms_p20": lo,
                     "ms_p80": hi,
+                    "peak_extra_mib": peak_mib,
                 }
                 if flops:
                     row["tflops"] = flops[mode] / ms / 1e9
@@ -236,7 +274,10 @@ def run(args) -> list[dict]:
         f"kernels, {info['device']}, torch {info['torch']}, triton {info['triton']}, commit {info['commit']}, "
         f"{args.dtype}{' (smoke: CPU interpreter, timings meaningless)' if args.smoke else ''}"
     )
-    print_table(rows, ["kernel", "shape", "impl", "mode", "ms", "tflops", "gbps", "speedup_vs_eager"])
+    print_table(
+        rows,
+        ["kernel", "shape", "impl", "mode", "ms", "tflops", "gbps", "speedup_vs_eager", "peak_extra_mib"],
+    )
     append_csv(args.csv, rows)
     if args.plot_dir:
         plot(rows, Path(args.plot_dir))

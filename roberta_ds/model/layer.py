@@ -78,7 +78,9 @@ class MLMHead(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def forward(self, x_ND: torch.Tensor, word_embeddings_VD: torch.Tensor, ops) -> torch.Tensor:
+    def transform(self, x_ND: torch.Tensor, ops) -> torch.Tensor:  # (N, D) -> (N, D)
         h_ND = ops.bias_gelu(self.dense(x_ND), self.dense_bias)
-        h_ND = ops.layer_norm(h_ND, self.norm.weight, self.norm.bias, self.cfg.layer_norm_eps)
-        return F.linear(h_ND, word_embeddings_VD, self.bias)  # (N, V)
+        return ops.layer_norm(h_ND, self.norm.weight, self.norm.bias, self.cfg.layer_norm_eps)
+
+    def forward(self, x_ND: torch.Tensor, word_embeddings_VD: torch.Tensor, ops) -> torch.Tensor:
+        return F.linear(self.transform(x_ND, ops), word_embeddings_VD, self.bias)  # (N, V)

@@ -22,7 +22,9 @@ class Ops:
     attention: Callable  # (q, k, v, key_padding_mask, softmax_scale, segment_ids, dropout_p) -> out
     layer_norm: Callable  # (x, weight, bias, eps, residual, dropout_p) -> LayerNorm(dropout(x) + residual)
     bias_gelu: Callable  # (x, bias) -> gelu(x + bias)
-    cross_entropy: Callable  # (logits, labels, ignore_index) -> mean loss over non-ignored rows
+    # (h, decoder weight, decoder bias, labels) -> (mean loss over labelled rows, rows predicted right);
+    # the Triton version never holds the (tokens, vocab) logits at once
+    linear_cross_entropy: Callable
 
 
 def triton_usable(device: torch.device) -> tuple[bool, str]:
@@ -46,7 +48,7 @@ def resolve_ops(backend: str, device: torch.device) -> Ops:
             attention=kernels.attention_ref,
             layer_norm=_layer_norm_ref_training,
             bias_gelu=kernels.bias_gelu_ref,
-            cross_entropy=kernels.cross_entropy_ref,
+            linear_cross_entropy=kernels.linear_cross_entropy_ref,
         )
     if backend == "triton":
         ok, why = triton_usable(device)
@@ -57,7 +59,7 @@ def resolve_ops(backend: str, device: torch.device) -> Ops:
             attention=kernels.attention,
             layer_norm=kernels.layer_norm,
             bias_gelu=kernels.bias_gelu,
-            cross_entropy=kernels.cross_entropy,
+            linear_cross_entropy=kernels.linear_cross_entropy,
         )
     raise ValueError(f"unknown kernels backend {backend!r}; choose 'auto', 'torch' or 'triton'")
 

@@ -23,7 +23,7 @@ class MLMOutput(NamedTuple):
     """A NamedTuple so that DeepSpeed's ZeRO-3 hooks can see the tensors inside it."""
 
     loss: torch.Tensor | None = None  # () fp32, mean over masked tokens
-    logits: torch.Tensor | None = None  # (B, S, V) without labels; (N, V) masked rows with labels
+    logits: torch.Tensor | None = None  # (B, S, V) without labels; None with labels (never materialised)
     num_masked: torch.Tensor | None = None  # () int64, tokens that contributed to the loss
     correct: torch.Tensor | None = None  # () int64, masked tokens predicted right (argmax)
 
@@ -91,18 +91,15 @@ class RobertaMLM(nn.Module):
         if labels is None:
             return MLMOutput(logits=self.head(x_BSD, word_VD, self.ops))
         # Masked-only head: gather the ~15% labelled rows first, so the (tokens, V) projection and
-        # the loss run on N = 0.15 * B * S rows instead of all of them.
+        # the loss run on N = 0.15 * B * S rows instead of all of them; the Triton path also fuses the
+        # projection with the loss in chunks, so no (N, V) logits are returned.
         labels_flat = labels.reshape(-1)
         sel_N = (labels_flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
         x_ND = x_BSD.reshape(-1, x_BSD.shape[-1]).index_select(0, sel_N)
         labels_N = labels_flat.index_select(0, sel_N)
-        logits_NV = self.head(x_ND, word_VD, self.ops)
-        loss = self.ops.cross_entropy(logits_NV, labels_N, ignore_index=IGNORE_INDEX)
-        with torch.no_grad():
-            correct = (logits_NV.argmax(-1) == labels_N).sum()
-        return MLMOutput(
-            loss=loss, logits=logits_NV, num_masked=sel_N.new_tensor(sel_N.numel()), correct=correct
-        )
+        h_ND = self.head.transform(x_ND, self.ops)
+        loss, correct = self.ops.linear_cross_entropy(h_ND, word_VD, self.head.bias, labels_N, IGNORE_INDEX)
+        return MLMOutput(loss=loss, num_masked=sel_N.new_tensor(sel_N.numel()), correct=correct)
 
     def num_parameters(self) -> int:
         """Parameters counted once (the decoder shares the word embeddings)."""
