@@ -222,6 +222,7 @@ class Trainer:
                 collate_fn=self.collate,
                 num_workers=self.cfg.data.num_workers,
                 persistent_workers=self.cfg.data.num_workers > 0,
+                pin_memory=self.device.type == "cuda",  # so that .to(device, non_blocking=True) overlaps,
             )
         )
 
