@@ -1,7 +1,8 @@
 """Pretrain RoBERTa: parse, build, fit.
 
   deepspeed --num_gpus 8 train.py --config configs/base.yaml --deepspeed_config ds_configs/zero3_bf16.json
-  torchrun --nproc_per_node 2 train.py --config configs/tiny_cpu.yaml --deepspeed_config ds_configs/cpu_zero3.json
+  torchrun --nproc_per_node 2 train.py --config configs/tiny_cpu.yaml \
+      --deepspeed_config ds_configs/cpu_zero3.json
   python train.py ...   (one process)
 Exit codes: 0 done; 99 preempted or time limit (checkpoint saved: run again to resume);
 98 too many consecutive non-finite losses (checkpoint saved); 2 bad configuration;

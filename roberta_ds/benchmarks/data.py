@@ -115,7 +115,8 @@ def main(args) -> int:
     ]
     print(
         f"data preparation, {info['device']}, commit {info['commit']}, corpus {corpus} "
-        f"({rows[0]['corpus_mb']} MB), tokenizer {args.tokenizer}, seq {args.seq_len}, {args.num_proc} processes"
+        f"({rows[0]['corpus_mb']} MB), tokenizer {args.tokenizer}, seq {args.seq_len}, "
+        f"{args.num_proc} processes"
     )
     print_table(
         rows,

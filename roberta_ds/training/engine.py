@@ -38,6 +38,10 @@ class _Keys(torch.utils.data.Dataset):
         return items
 
 
+# Settings that may change between the sessions of one run (how it runs, not what it trains).
+RUNTIME_ONLY = {"kernels", "num_workers", "cache_dir"}
+
+
 def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     """A new run never overwrites another run's checkpoints."""
     saved = run_dir / "run_config.yaml"
@@ -50,8 +54,12 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     old = yaml.safe_load(saved.read_text())
     new = cfg.to_dict()
     for section in ("model", "data"):
-        if old.get(section) != new[section] and cfg.train.resume is not None:
-            diff = sorted(k for k in new[section] if old.get(section, {}).get(k) != new[section][k])
+        diff = sorted(
+            k
+            for k in new[section]
+            if k not in RUNTIME_ONLY and old.get(section, {}).get(k) != new[section][k]
+        )
+        if diff and cfg.train.resume is not None:
             raise ConfigError(
                 f"{run_dir} holds another run (its {section} differs in {diff}); pick another train.run_dir"
             )

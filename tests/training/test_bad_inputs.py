@@ -106,3 +106,20 @@ def test_new_run_never_overwrites_another_runs_checkpoints(good, tmp_path, capsy
     cfg.write_text(cfg.read_text().replace("max_steps: 30", "max_steps: 30\n  resume: null"))
     code, err = run(capsys, "--config", cfg, "--deepspeed_config", ds)
     assert code == 2 and "already holds checkpoints" in err
+
+
+def test_runtime_only_settings_may_change_when_resuming(good):
+    """kernels / num_workers / cache_dir describe how a run runs, not what it trains."""
+    import yaml
+
+    from roberta_ds.config import load_run_config
+    from roberta_ds.training.engine import check_run_dir
+
+    cfg_path, _ = good
+    cfg = load_run_config(cfg_path)
+    run_dir = cfg_path.parent / "run"
+    run_dir.mkdir()
+    saved = cfg.to_dict()
+    saved["model"]["kernels"], saved["data"]["num_workers"] = "triton", 4
+    (run_dir / "run_config.yaml").write_text(yaml.safe_dump(saved))
+    check_run_dir(cfg, run_dir)  # no error
