@@ -73,62 +73,72 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str):
         self.cfg = cfg
-        t = cfg.train
-        # Every check of the inputs runs before any process group or model exists.
-        ds_raw = ds_config.load_ds_config(ds_config_path)
-        ds_config.check_for_device(ds_raw, "cuda" if torch.cuda.is_available() else "cpu")
-        self.precision = ds_config.precision(ds_raw)
-        self.run_dir = Path(t.run_dir)
-        ds_cfg = ds_config.for_engine(ds_raw, expected_world_size(), self.run_dir)
-        check_run_dir(cfg, self.run_dir)
-        self.resume_from = checkpoint.resolve(t.resume, self.run_dir)
-        if cfg.data.dataset != "builtin":
-            self._check_dataset(Path(cfg.data.dataset))
-
+        ds_cfg = self._check_inputs(ds_config_path)  # before any process group or model exists
         self.rank, self.local_rank, self.world = init_distributed()
         self.device = device()
         self.global_batch = ds_cfg["train_batch_size"]
         self.micro_batch = ds_cfg["train_micro_batch_size_per_gpu"]
         self.accum = ds_cfg["gradient_accumulation_steps"]
+        self._build_data()
+        model = self._build_engine(ds_cfg)
+        self.step, self.samples, self.tokens, self.nonfinite = 0, 0, 0, 0
+        if self.resume_from is not None:
+            self._resume()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
+        self.peak = peak_flops(self.precision, cfg.train.peak_flops)
+        self.flops_per_token = model.flops_per_token(self.seq_len, cfg.data.mlm_probability)
+
+    def _check_inputs(self, ds_config_path: str) -> dict:
+        """Every check of the inputs that needs no process group; returns the engine's ds_config."""
+        ds_raw = ds_config.load_ds_config(ds_config_path)
+        ds_config.check_for_device(ds_raw, "cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = ds_config.precision(ds_raw)
+        self.run_dir = Path(self.cfg.train.run_dir)
+        ds_cfg = ds_config.for_engine(ds_raw, expected_world_size(), self.run_dir)
+        check_run_dir(self.cfg, self.run_dir)
+        self.resume_from = checkpoint.resolve(self.cfg.train.resume, self.run_dir)
+        if self.cfg.data.dataset != "builtin":
+            self._check_dataset(Path(self.cfg.data.dataset))
+        return ds_cfg
+
+    def _build_data(self) -> None:
         self.data_dir = self._dataset()
         meta = self._check_dataset(self.data_dir)
         self.seq_len = meta["seq_len"]
         self.train_set = PackedDataset(self.data_dir, "train")
         self.valid_set = PackedDataset(self.data_dir, "valid")
-        sp = meta["special_tokens"]
-        specials = [sp["bos"], sp["pad"], sp["eos"], sp["unk"]]
-        d = cfg.data
-        self.collate = MLMCollator(
-            self.train_set,
-            meta["vocab_size"],
-            sp["mask"],
-            specials,
-            t.seed,
-            d.mlm_probability,
-            d.mask_replace_prob,
-            d.random_replace_prob,
-            d.document_mask,
-        )
-        self.valid_collate = MLMCollator(
-            self.valid_set,
-            meta["vocab_size"],
-            sp["mask"],
-            specials,
-            t.seed + 1,
-            d.mlm_probability,
-            d.mask_replace_prob,
-            d.random_replace_prob,
-            d.document_mask,
-        )
+        sp, d = meta["special_tokens"], self.cfg.data
 
+        def collator(dataset, seed):
+            return MLMCollator(
+                dataset,
+                meta["vocab_size"],
+                sp["mask"],
+                [sp["bos"], sp["pad"], sp["eos"], sp["unk"]],
+                seed,
+                d.mlm_probability,
+                d.mask_replace_prob,
+                d.random_replace_prob,
+                d.document_mask,
+            )
+
+        self.collate = collator(self.train_set, self.cfg.train.seed)
+        self.valid_collate = collator(self.valid_set, self.cfg.train.seed + 1)  # fixed masks for validation
+
+    def _build_engine(self, ds_cfg: dict) -> RobertaMLM:
         import deepspeed
 
+        t = self.cfg.train
         torch.manual_seed(t.seed)
         stage3 = ds_config.zero_stage(ds_cfg) == 3
         # ZeRO-3: parameters are partitioned as each module is built, so a large model never sits
         # whole on one rank; initial values are then written through GatheredParameters.
         with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=stage3):
-            model = RobertaMLM(cfg.model)
+            model = RobertaMLM(self.cfg.model)
         self._init_weights(model, stage3)
         opt = build_optimizer(model, t, offload=ds_config.offloads_optimizer(ds_cfg))
         saved = checkpoint.saved_world_size(self.resume_from) if self.resume_from else 0
@@ -143,22 +153,16 @@ class Trainer:
             config=ds_cfg,
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(t)),
         )
-        self.step, self.samples, self.tokens, self.nonfinite = 0, 0, 0, 0
-        if self.resume_from is not None:
-            state = checkpoint.load(self.engine, self.resume_from, self.rank)
-            self.step, self.samples = state["step"], state["samples"]
-            self.tokens, self.nonfinite = state["tokens"], state.get("nonfinite", 0)
-            self._log(
-                f"resumed from {self.resume_from} at step {self.step} (saved by {state['world_size']} ranks, "
-                f"now {self.world})"
-            )
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
-        self.peak = peak_flops(self.precision, t.peak_flops)
-        self.flops_per_token = model.flops_per_token(self.seq_len, d.mlm_probability)
+        return model
+
+    def _resume(self) -> None:
+        state = checkpoint.load(self.engine, self.resume_from, self.rank)
+        self.step, self.samples = state["step"], state["samples"]
+        self.tokens, self.nonfinite = state["tokens"], state.get("nonfinite", 0)
+        self._log(
+            f"resumed from {self.resume_from} at step {self.step} (saved by {state['world_size']} ranks, "
+            f"now {self.world})"
+        )
 
     # ----------------------------------------------------------------------------------------
     def _log(self, msg: str) -> None:

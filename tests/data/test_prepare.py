@@ -141,3 +141,26 @@ def test_corrupt_shard_is_reported(prepared, tmp_path):
     (copy / "train_00000.bin").write_bytes(b"\0\0")
     with pytest.raises(DatasetError, match="missing or truncated shard"):
         PackedDataset(copy)
+
+
+def test_prepare_cli_reports_bad_input_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roberta_ds.prepare",
+            str(tmp_path / "missing.txt"),
+            "--out",
+            str(tmp_path / "ds"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2
+    assert f"prepare: error: input not found: {tmp_path / 'missing.txt'}" in res.stderr
+    assert not (tmp_path / "ds").exists()
