@@ -476,7 +476,8 @@ def attention_ref(
     """softmax(Q K^T * scale + mask) V with masked scores at the dtype's minimum (as transformers
     does), so a query whose every key is masked yields a finite (uniform) row, never NaN."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    s_BHSS = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 scores in fp32; fp64 stays fp64
+    s_BHSS = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
     allowed = _allowed_BQK(key_padding_mask, segment_ids, q.shape[0], q.shape[1])
     if allowed is not None:
         s_BHSS = s_BHSS.masked_fill(~allowed[:, None], torch.finfo(s_BHSS.dtype).min)

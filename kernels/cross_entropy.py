@@ -139,5 +139,6 @@ def cross_entropy_ref(
     ignore_index: int = -100,
 ) -> torch.Tensor:  # () fp32
     n_valid = (labels != ignore_index).sum().clamp(min=1)
-    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    acc = torch.promote_types(logits.dtype, torch.float32)  # fp16/bf16 in fp32; fp64 stays fp64
+    total = F.cross_entropy(logits.to(acc), labels, ignore_index=ignore_index, reduction="sum")
     return total / n_valid
