@@ -236,3 +236,16 @@ def test_wall_clock_limit_checkpoints_and_exits_99(kjv_dataset, tmp_path):
     stopped = max(losses(tmp_path / "run"))
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
     assert (tmp_path / "run" / "PREEMPTED").is_file()
+
+
+@pytest.mark.slow
+def test_shipped_offload_config_trains(kjv_dataset, tmp_path):
+    """zero3_offload.json's ZeRO section (optimizer and parameters on the CPU, DeepSpeed's CPU Adam,
+    compiled on first use) with CPU-sized batches and fp32."""
+    shipped = json.loads((ROOT / "ds_configs" / "zero3_offload.json").read_text())
+    ds = write_ds(tmp_path / "ds.json", zero_optimization=shipped["zero_optimization"])
+    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run", max_steps=4, save_every=2)
+    res = launch("python", 1, cfg, ds, timeout=600)
+    ok(res)
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
