@@ -11,13 +11,14 @@ Exit codes: 0 done; 99 preempted or time limit (checkpoint saved: run again to r
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
 from roberta_ds.config import ConfigError, load_run_config
 from roberta_ds.data.dataset import DatasetError
 from roberta_ds.training.checkpoint import CheckpointError
-from roberta_ds.training.distributed import RendezvousError
+from roberta_ds.training.distributed import RendezvousError, shutdown
 from roberta_ds.training.ds_config import DSConfigError
 
 
@@ -67,8 +68,24 @@ def main(argv=None) -> int:
     except RendezvousError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 3
-    return trainer.fit()
+    code = trainer.fit()
+    shutdown()  # every rank got here: tear the process group down cleanly
+    return code
+
+
+def exit_now(code: int) -> None:
+    """Leave without interpreter finalisation. DeepSpeed keeps its process groups referenced in
+    module globals, so gloo's worker threads outlive destroy_process_group() and can release tensors
+    while Python finalises, aborting a finished run (seen under mpirun, exit 134). Everything is
+    written and flushed by now (checkpoints, metrics.jsonl, DeepSpeed's monitors flush per write)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpirun treats a rank that exits without MPI_Finalize as failed
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

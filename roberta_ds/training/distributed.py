@@ -129,3 +129,11 @@ def all_agree(flag: bool) -> bool:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: gloo's worker threads otherwise
+    may release Python tensors during finalisation and abort the process (seen under mpirun)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
