@@ -97,3 +97,15 @@ def test_batch_size_that_does_not_fit_the_world_fails_before_training(cluster, k
         "train_batch_size=8 is not divisible by train_micro_batch_size_per_gpu=4 x world size 4"
         in log.read_text()
     )
+
+
+def test_deepspeed_launcher_variant_with_generated_hostfile(cluster, kjv_dataset, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run", max_steps=6, save_every=3)
+    ds = write_ds(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
+    jid, log = submit(cluster, tmp_path, cfg, ds, script="slurm/pretrain_deepspeed.sbatch")
+    info = cluster.wait_job(jid)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert "127.0.0.1 slots=2" in text and "127.0.0.2 slots=2" in text  # hostfile from SLURM_JOB_NODELIST
+    assert "global batch 16 = micro 4 x accumulation 1 x 4 ranks" in text
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 7))
