@@ -9,17 +9,25 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
 from pathlib import Path
 
-NODES = {"127.0.0.1": 17101, "127.0.0.2": 17102}
+NODES = ("127.0.0.1", "127.0.0.2")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 SLURM_CONF = """\
 ClusterName=rdstest
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort=17100
+SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -82,11 +90,13 @@ class Cluster:
         ):
             (d / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(d / "munge-run", 0o755)
+        # Free ports, not fixed ones: a leftover daemon elsewhere on the machine must not break the tests.
         nodes = "\n".join(
-            f"NodeName={n} NodeHostname=localhost NodeAddr={n} Port={p} CPUs=2 Gres=gpu:2 State=UNKNOWN"
-            for n, p in NODES.items()
+            f"NodeName={n} NodeHostname=localhost NodeAddr={n} Port={_free_port()} "
+            "CPUs=2 Gres=gpu:2 State=UNKNOWN"
+            for n in NODES
         )
-        (d / "slurm.conf").write_text(SLURM_CONF.format(d=d, nodes=nodes))
+        (d / "slurm.conf").write_text(SLURM_CONF.format(d=d, nodes=nodes, ctld_port=_free_port()))
         # GPU gres so that `#SBATCH --gpus-per-node` lines are accepted: slurmd counts device files.
         lines = []
         for i, n in enumerate(NODES):
