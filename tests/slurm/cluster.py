@@ -31,6 +31,7 @@ SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket={d}/munge-run/munge.socket.2
 CredType=cred/munge
 StateSaveLocation={d}/ctld
 SlurmdSpoolDir={d}/spool-%n
@@ -79,6 +80,13 @@ class Cluster:
         self.env = dict(os.environ, SLURM_CONF=str(root / "slurm.conf"))
 
     def start(self) -> Cluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # daemons already spawned must not outlive a failed start
+            raise
+
+    def _start(self) -> Cluster:
         d = self.d
         os.chmod(d, 0o755)  # munge refuses a socket inside a folder others cannot traverse
         for sub in (
@@ -122,22 +130,12 @@ class Cluster:
                 f"--seed-file={d}/munge/seed",
             ]
         )
-        self._wait(lambda: sock.exists(), "munged")
-        self._link_munge_socket(sock)
+        self._wait(lambda: sock.exists(), "munged")  # slurm.conf's AuthInfo points Slurm at this socket
         self._spawn(["slurmctld", "-D", "-i", "-f", str(d / "slurm.conf")])
         for n in NODES:
             self._spawn(["slurmd", "-D", "-N", n, "-f", str(d / "slurm.conf")])
         self._wait(self._nodes_idle, "two idle nodes", timeout=60)
         return self
-
-    def _link_munge_socket(self, sock: Path) -> None:
-        # Slurm's auth/munge plugin talks to munge's default socket path.
-        default = Path("/run/munge/munge.socket.2")
-        default.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(default.parent, 0o755)
-        if default.is_symlink() or default.exists():
-            default.unlink()
-        default.symlink_to(sock)
 
     def _spawn(self, cmd: list[str]) -> None:
         with open(
