@@ -46,9 +46,6 @@ class GlobalOrderSampler:
         self.start = start
         self._perm_epoch, self._perm = -1, None
 
-    def epoch_of(self, p: int) -> int:
-        return p // self.epoch_len
-
     def _index(self, p: int) -> int:
         e = p // self.epoch_len
         if e != self._perm_epoch:

@@ -27,8 +27,3 @@ def check_close(kernel_out, torch_out, ref64, atol, name=""):
 
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture
-def device():
-    return DEVICE
