@@ -1,6 +1,5 @@
 import os
 
-import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
