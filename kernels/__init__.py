@@ -10,6 +10,7 @@
 Kernels run on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (set before importing this package).
 """
 
+from kernels._utils import tracing
 from kernels.attention import attention, attention_ref
 from kernels.bias_gelu import bias_gelu, bias_gelu_ref
 from kernels.cross_entropy import cross_entropy, cross_entropy_ref
@@ -27,4 +28,5 @@ __all__ = [
     "layer_norm_ref",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
+    "tracing",
 ]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._utils import check_dtype, check_runnable, new_seed
+from kernels._utils import check_dtype, check_runnable, new_seed, sm_count
 
 MAX_N = 16384
 
@@ -137,9 +137,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _num_programs(M: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return min(M, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(M, 4)
+    return min(M, 4 * sm_count(device))
 
 
 def _warps(block_n: int) -> int:

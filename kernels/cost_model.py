@@ -1,0 +1,135 @@
+"""A roofline-style H100 cost model for a recorded launch sequence (kernels.trace).
+
+Per launch:  time = max(tensor-core FLOPs / TC_PEAK, DRAM bytes / HBM_BW, L2 bytes / L2_BW,
+                        warp-instructions issued / ISSUE_RATE) / wave_efficiency + LAUNCH_S
+- Triton kernels (from their sm_90 SASS, kernels.sass): FLOPs and warp-instructions are the static
+  counts outside the main loop plus the main loop's counts x its trip count (MAIN_LOOP_TRIPS below,
+  from the launch's arguments), x warps x CTAs. DRAM bytes are the sizes of the kernel's tensor
+  arguments (each read or written once: what the interface needs; re-reads are assumed to hit L2);
+  L2 bytes are the global loads/stores the SASS issues. wave_efficiency = (CTAs / SMs) / ceil(CTAs / SMs).
+- cuBLAS GEMMs (aten mm/addmm/bmm): 2*M*N*K FLOPs at the measured GEMM rate; bytes = operands.
+- Other aten ops (the glue between kernels): inputs + outputs bytes at HBM bandwidth. View ops and
+  allocations cost nothing and launch nothing.
+Constants: datasheet H100 SXM5 (132 SMs, 4 schedulers issuing one warp-instruction per clock each,
+1.755 GHz sustained, 989 TFLOP/s dense bf16, 3.35 TB/s HBM3) with what was measured on an H100 of
+this workplace where it exists: ~3.0 TB/s device copy, 798 TFLOP/s for a bf16 8192^3 matmul (used
+as the tensor-core roof for cuBLAS and Triton alike). L2 bandwidth (~5.5 TB/s) and the launch gap
+(2 us between dependent kernels) are estimates.
+Error band: +-30% per memory-bound kernel, -20%/+50% per latency-bound or small-grid kernel (the
+model ignores latency and occupancy effects beyond wave quantisation), +-25% on the summed step.
+It is an estimate, never a measurement: `python -m kernels.perf_report --calibrate` on a GPU writes
+measured against modelled per kernel (bench_results/sm90_calibration.csv).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels.sass import KernelBinary
+from kernels.trace import TorchOp, TritonLaunch
+
+SMS = 132
+CLOCK_HZ = 1.755e9
+ISSUE_RATE = SMS * 4 * CLOCK_HZ  # warp-instructions per second
+TC_PEAK = 798e12  # measured: bf16 8192^3 torch.matmul on an H100 of this workplace
+DATASHEET_PEAK_BF16 = 989e12  # for MFU, as training/metrics.py
+HBM_BW = 3.0e12  # measured device-to-device copy
+L2_BW = 5.5e12
+LAUNCH_S = 2e-6
+
+GEMMS = {
+    "aten.mm.default",
+    "aten.addmm.default",
+    "aten.addmm_.default",
+    "aten.bmm.default",
+    "aten.baddbmm.default",
+}
+FREE = (
+    "aten.empty",
+    "aten.empty_like",
+    "aten.empty_strided",
+    "aten.new_empty",
+    "aten.detach",
+    "aten._unsafe_view",
+    "aten.lift_fresh",
+    "aten.alias",
+    "aten.as_strided",
+    "aten.set_",
+)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+# Trip count of each kernel's main loop, from its launch arguments; a kernel not listed runs its main
+# loop once (elementwise kernels have none).
+MAIN_LOOP_TRIPS = {
+    "_attn_fwd_kernel": lambda a: _cdiv(a["S"], a["BLOCK_N"]),
+    "_attn_bwd_dkdv_kernel": lambda a: _cdiv(a["S"], a["BLOCK_M"]),
+    "_attn_bwd_dq_kernel": lambda a: _cdiv(a["S"], a["BLOCK_N"]),
+    "_ln_bwd_kernel": lambda a: a.get("rows_per_program", 1),
+}
+
+
+@dataclass
+class Cost:
+    seconds: float
+    bound: str  # which term set the time: tc, dram, l2, issue, launch
+    flops: float
+    dram_bytes: float
+    l2_bytes: float
+    instructions: float  # warp-instructions issued
+    trips: int = 1
+
+
+def _nbytes(shape, dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _tensor_bytes(args: dict) -> int:
+    return sum(_nbytes(v.shape, v.dtype) for v in args.values() if isinstance(v, torch.Tensor))
+
+
+def _roof(terms: dict, efficiency: float = 1.0) -> tuple[float, str]:
+    bound = max(terms, key=terms.get)
+    return terms[bound] / efficiency + LAUNCH_S, bound
+
+
+def triton_cost(launch: TritonLaunch, binary: KernelBinary) -> Cost:
+    trips = int(MAIN_LOOP_TRIPS.get(launch.name, lambda a: 1)(launch.args))
+    loop = binary.loop_sass
+    outside = len(binary.sass) - len(loop)
+    warps = launch.ctas * binary.num_warps
+    instructions = warps * (outside + len(loop) * trips)
+    loop_flops, all_flops = binary.mma_flops(loop), binary.mma_flops(binary.sass)
+    flops = warps * (all_flops - loop_flops + loop_flops * trips)
+    loop_bytes, all_bytes = binary.global_bytes(loop), binary.global_bytes(binary.sass)
+    l2_bytes = warps * (all_bytes - loop_bytes + loop_bytes * trips)
+    dram = _tensor_bytes(launch.args)
+    efficiency = (launch.ctas / SMS) / _cdiv(launch.ctas, SMS)
+    terms = {
+        "tc": flops / TC_PEAK,
+        "dram": dram / HBM_BW,
+        "l2": l2_bytes / L2_BW,
+        "issue": instructions / ISSUE_RATE,
+    }
+    seconds, bound = _roof(terms, efficiency)
+    return Cost(seconds, bound, flops, dram, l2_bytes, instructions, trips)
+
+
+def torch_cost(op: TorchOp) -> Cost | None:
+    """None for ops that launch nothing (views, allocations)."""
+    if op.is_view or op.name.startswith(FREE):
+        return None
+    dram = sum(_nbytes(s, d) for s, d in op.inputs + op.outputs)
+    flops = 0.0
+    if op.name in GEMMS:
+        (m, k), n = op.inputs[-2][0][-2:], op.inputs[-1][0][-1]
+        batch = math.prod(op.inputs[-2][0][:-2])
+        flops = 2.0 * batch * m * n * k
+    seconds, bound = _roof({"tc": flops / TC_PEAK, "dram": dram / HBM_BW})
+    return Cost(seconds, bound, flops, dram, 0.0, 0.0)

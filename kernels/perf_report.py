@@ -1,0 +1,315 @@
+"""python -m kernels.perf_report: the static sm_90 performance report of every hot kernel (no GPU needed).
+
+It runs one forward + backward of the model (bf16, training mode) on meta tensors for each traced
+configuration (presets base and large, seq 128 and 512, dropout 0 and 0.1, document mask off and
+on; the micro-batch comes from the ds_config), records every launch (kernels.trace: Triton launches
+compiled for sm_90 with the specialisation a real launch gets, plus the aten ops between them),
+reads each binary (kernels.sass) and models its time on an H100 (kernels.cost_model).
+
+Writes (into --out, default bench_results/):
+- sm90_report.csv: one row per hot-kernel variant (the columns of REPORT_COLUMNS), rows of other
+  Triton versions already in the file are kept, so one file holds e.g. triton 3.6 and 3.9;
+- sm90_report.md: the modelled step per configuration (time, MFU, bytes moved against the minimum,
+  launches per layer) and the per-kernel table of the recipe's configuration.
+Prints each kernel's difference against the committed report (--baseline) and, with --check, exits
+1 when a hot kernel spills, uses mma.sync without wgmma, needs more shared memory than an SM has,
+or cannot fit one CTA on an SM. Every figure is compile-time or modelled, never measured.
+--calibrate (CUDA only) runs the same steps for real under torch.profiler and writes measured
+against modelled per kernel into sm90_calibration.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+from kernels import cost_model, sass, trace
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT_COLUMNS = [
+    "kernel", "variant", "preset", "seq_len", "dtype", "blocks", "num_warps", "num_stages", "grid",
+    "launches_per_step", "regs", "spill_bytes", "smem_bytes", "wgmma", "mma_sync", "tma", "ctas_per_sm",
+    "loop_sass", "loop_trips", "sass_total", "tc_gflop", "dram_mb", "l2_mb", "bound", "modelled_us",
+    "triton", "commit",
+]  # fmt: skip
+DIFF_COLUMNS = ["regs", "spill_bytes", "smem_bytes", "loop_sass", "modelled_us"]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    preset: str
+    seq_len: int
+    dropout: float
+    document_mask: bool
+    micro_batch: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.preset} s{self.seq_len} p{self.dropout:g}{' doc' if self.document_mask else ''}"
+
+
+def trace_step(cfg: StepConfig) -> tuple[list, object]:
+    """Launch sequence of one training forward + backward (bf16) of `cfg` on meta tensors."""
+    from roberta_ds.config import model_preset
+    from roberta_ds.model import RobertaMLM
+
+    mcfg = model_preset(
+        cfg.preset, kernels="triton", hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout
+    )
+    with torch.device("meta"):
+        model = RobertaMLM(mcfg).to(torch.bfloat16).train()
+        B, S = cfg.micro_batch, cfg.seq_len
+        ids = torch.empty(B, S, dtype=torch.long)
+        mask = torch.empty(B, S, dtype=torch.long)  # the collator always passes one
+        segments = torch.empty(B, S, dtype=torch.long) if cfg.document_mask else None
+        labels = torch.empty(B, S, dtype=torch.long)
+    with trace.trace_launches() as events:
+        out = model(ids, attention_mask=mask, labels=labels, segment_ids=segments)
+        out.loss.backward()
+    return events, mcfg
+
+
+def _variant(args: dict) -> str:
+    flags = [k.removeprefix("HAS_").lower() for k, v in args.items() if k.isupper() and v is True]
+    return "+".join(flags) or "plain"
+
+
+def _blocks(args: dict) -> str:
+    return "x".join(str(v) for k, v in args.items() if k.startswith("BLOCK") and isinstance(v, int))
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "kernels"], cwd=ROOT, capture_output=True, text=True
+        )
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def analyse(cfg: StepConfig, commit: str) -> tuple[list[dict], dict, list]:
+    """Per-kernel-variant rows and the step summary of one configuration."""
+    events, mcfg = trace_step(cfg)
+    rows: dict[tuple, dict] = {}
+    total = defaultdict(float)
+    launches = 0
+    per_launch = []
+    for ev in events:
+        if isinstance(ev, trace.TritonLaunch):
+            binary = sass.inspect_kernel(ev.kernel, ev.name)
+            cost = cost_model.triton_cost(ev, binary)
+            key = (ev.name, _variant(ev.args), _blocks(ev.args), ev.grid)
+            dtype = next(
+                (str(v.dtype).removeprefix("torch.") for v in ev.args.values() if hasattr(v, "dtype")), ""
+            )
+            if key not in rows:
+                rows[key] = dict(
+                    kernel=ev.name, variant=key[1], preset=cfg.preset, seq_len=cfg.seq_len, dtype=dtype,
+                    blocks=key[2], num_warps=ev.num_warps, num_stages=ev.num_stages, grid="x".join(map(str, ev.grid)),
+                    launches_per_step=0, regs=binary.regs, spill_bytes=binary.spill_bytes,
+                    smem_bytes=binary.smem_bytes, wgmma=binary.wgmma, mma_sync=binary.mma_sync, tma=binary.tma,
+                    ctas_per_sm=binary.ctas_per_sm, loop_sass=binary.loop_instructions, loop_trips=cost.trips,
+                    sass_total=len(binary.sass), tc_gflop=round(cost.flops / 1e9, 3),
+                    dram_mb=round(cost.dram_bytes / 1e6, 3), l2_mb=round(cost.l2_bytes / 1e6, 3), bound=cost.bound,
+                    modelled_us=round(cost.seconds * 1e6, 2), triton=triton.__version__, commit=commit,
+                )  # fmt: skip
+            rows[key]["launches_per_step"] += 1
+            category = "triton"
+        else:
+            cost = cost_model.torch_cost(ev)
+            if cost is None:
+                continue
+            category = "gemm" if ev.name in cost_model.GEMMS else "glue"
+        launches += 1
+        total[category + "_s"] += cost.seconds
+        total[category + "_bytes"] += cost.dram_bytes
+        per_launch.append((ev.name, category, cost.seconds))
+    step_s = total["triton_s"] + total["gemm_s"] + total["glue_s"]
+    tokens = cfg.micro_batch * cfg.seq_len
+    from roberta_ds.model.roberta import flops_per_token
+
+    model_flops = flops_per_token(mcfg, cfg.seq_len) * tokens
+    summary = dict(
+        config=cfg.label, preset=cfg.preset, seq_len=cfg.seq_len, dropout=cfg.dropout,
+        document_mask=cfg.document_mask, micro_batch=cfg.micro_batch, modelled_ms=round(step_s * 1e3, 2),
+        triton_ms=round(total["triton_s"] * 1e3, 2), gemm_ms=round(total["gemm_s"] * 1e3, 2),
+        glue_ms=round(total["glue_s"] * 1e3, 2),
+        mfu=round(model_flops / step_s / cost_model.DATASHEET_PEAK_BF16, 3),
+        moved_gb=round((total["triton_bytes"] + total["gemm_bytes"] + total["glue_bytes"]) / 1e9, 2),
+        min_gb=round((total["triton_bytes"] + total["gemm_bytes"]) / 1e9, 2),
+        launches_per_layer=round(launches / mcfg.num_layers, 1),
+    )  # fmt: skip
+    return list(rows.values()), summary, per_launch
+
+
+def check(rows: list[dict]) -> list[str]:
+    """What makes a hot kernel unfit for sm_90, one message per problem."""
+    problems = []
+    for r in rows:
+        where = f"{r['kernel']} [{r['variant']}] {r['preset']} s{r['seq_len']}"
+        if int(r["spill_bytes"]) > 0:
+            problems.append(f"{where}: spills {r['spill_bytes']} bytes to local memory")
+        if int(r["mma_sync"]) > 0 and int(r["wgmma"]) == 0:
+            problems.append(f"{where}: tensor-core dots lower to mma.sync, not Hopper wgmma")
+        if int(r["smem_bytes"]) > sass.SM90_MAX_SHARED_PER_CTA:
+            problems.append(f"{where}: {r['smem_bytes']} B of shared memory > {sass.SM90_MAX_SHARED_PER_CTA}")
+        elif int(r["ctas_per_sm"]) < 1:
+            problems.append(f"{where}: not one CTA fits an SM ({r['regs']} regs x {r['num_warps']} warps)")
+    return problems
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["kernel"], r["variant"], r["preset"], str(r["seq_len"]), r["blocks"], r["grid"])
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def diff(rows: list[dict], baseline: list[dict]) -> list[str]:
+    version = ".".join(triton.__version__.split(".")[:2])
+    old = {_row_key(r): r for r in baseline if r["triton"].startswith(version)}
+    lines = []
+    for r in rows:
+        b = old.get(_row_key(r))
+        if b is None:
+            lines.append(f"  new      {r['kernel']} [{r['variant']}] {r['preset']} s{r['seq_len']}")
+            continue
+        changes = [f"{c} {b[c]} -> {r[c]}" for c in DIFF_COLUMNS if float(b[c] or 0) != float(r[c] or 0)]
+        if changes:
+            lines.append(
+                f"  changed  {r['kernel']} [{r['variant']}] {r['preset']} s{r['seq_len']}: "
+                + ", ".join(changes)
+            )
+    gone = set(old) - {_row_key(r) for r in rows}
+    lines += [f"  gone     {k[0]} [{k[1]}] {k[2]} s{k[3]}" for k in sorted(gone)]
+    return lines
+
+
+def write_report(out: Path, rows: list[dict], summaries: list[dict], recipe: str) -> None:
+    """Rows carry `_config` (the configuration they were first seen in) for the markdown only."""
+    out.mkdir(parents=True, exist_ok=True)
+    version = triton.__version__
+    kept = [r for r in read_csv(out / "sm90_report.csv") if r["triton"] != version]
+    with open(out / "sm90_report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(sorted(kept, key=lambda r: r["triton"]) + rows)
+    (out / f"sm90_steps_triton{version}.json").write_text(json.dumps(summaries, indent=1) + "\n")
+    (out / "sm90_report.md").write_text(markdown(rows, summaries, recipe))
+
+
+def markdown(rows: list[dict], summaries: list[dict], recipe: str) -> str:
+    head = rows[0]
+    lines = [
+        "# Static sm_90 report (compile-time figures and model estimates, not measurements)",
+        "",
+        f"`python -m kernels.perf_report`, triton {head['triton']}, commit {head['commit']}, bf16, training mode; "
+        "cost model and its error band: `kernels/cost_model.py` (+-25% on a step). One forward + backward of one "
+        "micro-batch; the optimizer step and ZeRO communication are not included.",
+        "",
+        "| config | micro-batch | modelled ms | Triton ms | GEMM ms | glue ms | MFU | GB moved | GB min | launches/layer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s['config']} | {s['micro_batch']} | {s['modelled_ms']} | {s['triton_ms']} | {s['gemm_ms']} | "
+            f"{s['glue_ms']} | {s['mfu']:.0%} | {s['moved_gb']} | {s['min_gb']} | {s['launches_per_layer']} |"
+        )
+    lines += [
+        "",
+        f"Per kernel, {recipe} (launch = one call; step = launches x modelled):",
+        "",
+        "| kernel | variant | blocks | warps/stages | regs | spills B | smem KB | wgmma | CTAs/SM | loop SASS | "
+        "trips | bound | modelled us | launches |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["_config"] == recipe:
+            lines.append(
+                f"| {r['kernel']} | {r['variant']} | {r['blocks']} | {r['num_warps']}/{r['num_stages']} | {r['regs']} | "
+                f"{r['spill_bytes']} | {int(r['smem_bytes']) / 1024:.1f} | {r['wgmma']} | {r['ctas_per_sm']} | "
+                f"{r['loop_sass']} | {r['loop_trips']} | {r['bound']} | {r['modelled_us']} | {r['launches_per_step']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def configs(ds_config: Path, presets, seq_lens) -> list[StepConfig]:
+    micro = json.loads(ds_config.read_text())["train_micro_batch_size_per_gpu"]
+    return [
+        StepConfig(p, s, d, doc, micro)
+        for p, s, d, doc in itertools.product(presets, seq_lens, (0.0, 0.1), (False, True))
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
+    ap.add_argument("--baseline", type=Path, default=ROOT / "bench_results" / "sm90_report.csv")
+    ap.add_argument("--ds-config", type=Path, default=ROOT / "ds_configs" / "zero3_bf16.json")
+    ap.add_argument("--presets", nargs="+", default=["base", "large"])
+    ap.add_argument("--seq-lens", nargs="+", type=int, default=[128, 512])
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 when a hot kernel spills, misses wgmma, or overflows"
+    )
+    ap.add_argument(
+        "--calibrate", action="store_true", help="CUDA only: measured against modelled per kernel"
+    )
+    args = ap.parse_args(argv)
+    trace.check_not_interpreted()
+    commit = _commit()
+    baseline = read_csv(args.baseline)
+    rows, summaries = [], []
+    steps = configs(args.ds_config, args.presets, args.seq_lens)
+    recipe = StepConfig(args.presets[0], max(args.seq_lens), 0.1, False, steps[0].micro_batch).label
+    seen = set()
+    for cfg in steps:
+        cfg_rows, summary, _ = analyse(cfg, commit)
+        summaries.append(summary)
+        print(
+            f"{cfg.label:<22} modelled {summary['modelled_ms']:>8.2f} ms  MFU {summary['mfu']:.0%}  "
+            f"moved {summary['moved_gb']} GB (min {summary['min_gb']})  launches/layer {summary['launches_per_layer']}"
+        )
+        for r in cfg_rows:
+            if _row_key(r) not in seen:
+                seen.add(_row_key(r))
+                rows.append({**r, "_config": cfg.label})
+    for r in rows:
+        print(
+            f"  {r['kernel']:<24} {r['variant']:<22} {r['preset']:<5} s{r['seq_len']:<4} regs {r['regs']:>3} "
+            f"spill {r['spill_bytes']:>4} smem {r['smem_bytes']:>6} wgmma {r['wgmma']:>3} loop {r['loop_sass']:>5} "
+            f"x{r['loop_trips']:<3} {r['modelled_us']:>8.2f} us ({r['bound']})"
+        )
+    changes = diff(rows, baseline)
+    print(f"difference against {args.baseline} (triton {triton.__version__}):")
+    print("\n".join(changes) if changes else "  none")
+    write_report(args.out, rows, summaries, recipe)
+    problems = check(rows)
+    for p in problems:
+        print(f"CHECK FAILED: {p}", file=sys.stderr)
+    if args.calibrate:
+        from kernels.perf_calibrate import calibrate
+
+        calibrate(steps, args.out, commit)
+    return 1 if (problems and args.check) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
