@@ -5,8 +5,9 @@
       --deepspeed_config ds_configs/cpu_zero3.json
   python train.py ...   (one process)
 Exit codes: 0 done; 99 preempted or time limit (checkpoint saved: run again to resume);
-98 too many consecutive non-finite losses (checkpoint saved); 2 bad configuration;
-3 the process group could not form (unreachable master, RDZV_TIMEOUT).
+98 too many consecutive non-finite losses (weights saved aside, latest unchanged); 2 bad input
+(config, ds_config, dataset, checkpoint, no space left for a checkpoint); 3 the process group could
+not form (unreachable master, RDZV_TIMEOUT).
 """
 
 import argparse
@@ -14,12 +15,10 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
-from roberta_ds.config import ConfigError, load_run_config
-from roberta_ds.data.dataset import DatasetError
-from roberta_ds.training.checkpoint import CheckpointError
-from roberta_ds.training.distributed import RendezvousError, shutdown
-from roberta_ds.training.ds_config import DSConfigError
+from roberta_ds.config import load_run_config
+from roberta_ds.errors import EXIT_BAD_INPUT, EXIT_RENDEZVOUS, InputError, RendezvousError
 
 
 def parse_args(argv=None):
@@ -31,8 +30,9 @@ def parse_args(argv=None):
         "--deepspeed_config",
         "--deepspeed-config",
         dest="ds_config",
-        default="ds_configs/zero3_bf16.json",
-        help="DeepSpeed JSON: batch sizes, precision, ZeRO stage, clipping, offload",
+        default=None,
+        help="DeepSpeed JSON: batch sizes, precision, ZeRO stage, clipping, offload "
+        "(default: ds_configs/zero3_bf16.json with a GPU, ds_configs/cpu_zero3.json without)",
     )
     ap.add_argument("--run_dir", "--run-dir", default=None, help="overrides train.run_dir")
     ap.add_argument(
@@ -58,17 +58,22 @@ def main(argv=None) -> int:
         if v is not None
     }
     try:
-        cfg = load_run_config(args.config, {"train": overrides})
+        cfg = load_run_config(args.config, {"train": overrides})  # fast: no torch imported yet
+        from roberta_ds.training.distributed import shutdown
         from roberta_ds.training.engine import Trainer
+        from roberta_ds.training.preflight import default_ds_config
 
+        if args.ds_config is None:
+            args.ds_config = default_ds_config(Path(__file__).resolve().parent)
+            logging.info("no --deepspeed_config given: using %s (fits this device)", args.ds_config)
         trainer = Trainer(cfg, args.ds_config)
-    except (ConfigError, DSConfigError, DatasetError, CheckpointError) as e:
+        code = trainer.fit()
+    except InputError as e:  # one message naming the file / key / value; no traceback
         print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except RendezvousError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        return 3
-    code = trainer.fit()
+        return EXIT_RENDEZVOUS
     shutdown()  # every rank got here: tear the process group down cleanly
     return code
 

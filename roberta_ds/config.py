@@ -8,6 +8,7 @@ Unknown keys and wrong types are errors that name the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,11 +17,19 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from roberta_ds.errors import InputError
+
 KernelBackend = Literal["auto", "torch", "triton"]
+MIN_BPE_VOCAB = 300  # 256 byte tokens + <s> <pad> </s> <unk> <mask>, and some merges
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or value is wrong; the message names the file and the key."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
 
 @dataclass
@@ -106,6 +115,26 @@ class DataConfig:
     document_mask: bool = False
     num_workers: int = 1
 
+    def __post_init__(self) -> None:
+        for name in ("mlm_probability", "mask_replace_prob", "random_replace_prob"):
+            _require(
+                0.0 <= getattr(self, name) <= 1.0, f"data.{name}={getattr(self, name)} must be in [0, 1]"
+            )
+        _require(
+            self.mask_replace_prob + self.random_replace_prob <= 1.0,
+            f"data.mask_replace_prob + data.random_replace_prob = "
+            f"{self.mask_replace_prob + self.random_replace_prob} must be at most 1",
+        )
+        _require(self.mlm_probability > 0, "data.mlm_probability=0 masks nothing: nothing to learn")
+        _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _require(self.seq_len >= 8, f"data.seq_len={self.seq_len} is too short for a block (<s> ... </s>)")
+        if self.dataset == "builtin" and self.tokenizer == "train":
+            _require(
+                self.vocab_size >= MIN_BPE_VOCAB,
+                f"data.vocab_size={self.vocab_size} is too small for a byte-level BPE "
+                f"(256 bytes + 5 specials need at least {MIN_BPE_VOCAB})",
+            )
+
 
 @dataclass
 class TrainConfig:
@@ -137,6 +166,29 @@ class TrainConfig:
     peak_flops: float | None = None
     progress_bar: bool = True
 
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "log_every", "eval_batches", "max_nonfinite_steps")
+        for name in positive:
+            _require(getattr(self, name) >= 1, f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("lr", "warmup_steps", "eval_every", "save_every", "keep_last", "weight_decay"):
+            _require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _require(all(0.0 <= b < 1.0 for b in self.betas), f"train.betas={list(self.betas)} must be in [0, 1)")
+        _require(self.eps > 0, f"train.eps={self.eps} must be > 0")
+        _require(
+            self.time_limit_minutes is None or self.time_limit_minutes > 0,
+            f"train.time_limit_minutes={self.time_limit_minutes} must be > 0 (or null for none)",
+        )
+        _require(
+            self.peak_flops is None or self.peak_flops > 0, f"train.peak_flops={self.peak_flops} must be > 0"
+        )
+        sig = getattr(signal, self.preempt_signal, None)
+        _require(
+            isinstance(sig, signal.Signals) and sig not in (signal.SIGKILL, signal.SIGSTOP),
+            f"train.preempt_signal={self.preempt_signal!r} is not a signal that can be caught "
+            "(e.g. SIGUSR1, SIGUSR2, SIGTERM)",
+        )
+
 
 @dataclass
 class RunConfig:
@@ -145,10 +197,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Name of the preset the model section started from (recorded for humans).
     preset: str = "tiny"
+    # "section.key" values the YAML or the command line stated. Values that the dataset owns
+    # (model.vocab_size, data.seq_len of a prepared folder) are derived from it unless stated,
+    # and checked against it when stated.
+    stated: frozenset[str] = field(default=frozenset(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data)}
+        d["train"] = dataclasses.asdict(self.train)
         d["train"]["betas"] = list(d["train"]["betas"])
+        d["preset"] = self.preset
         return d
 
 
@@ -242,26 +300,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a run YAML: `model: {preset: tiny, ...overrides}`, `data: {...}`, `train: {...}`."""
+    """Read a run YAML: `model: {preset: tiny, ...overrides}`, `data: {...}`, `train: {...}`.
+    A run folder's run_config.yaml (top-level `preset`, every field spelled out) is accepted too."""
     raw = load_yaml(path) if path is not None else {}
     src = str(path) if path is not None else "<defaults>"
-    unknown = sorted(set(raw) - {"model", "data", "train"})
+    unknown = sorted(set(raw) - {"model", "data", "train", "preset"})
     if unknown:
         raise ConfigError(f"{src}: unknown section {unknown[0]!r} (sections: model, data, train)")
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update(values)
-    model_raw = dict(raw.get("model") or {})
-    preset = model_raw.pop("preset", "tiny")
+    for section in ("model", "data", "train"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"{src}: {section}: expected a mapping of keys, got {raw[section]!r}")
+        raw[section] = {**(raw.get(section) or {}), **(overrides or {}).get(section, {})}
+    stated = frozenset(f"{sec}.{k}" for sec in ("model", "data", "train") for k in raw[sec])
+    model_raw = dict(raw["model"])
+    preset = model_raw.pop("preset", raw.get("preset", "tiny"))
     if preset not in MODEL_PRESETS:
         raise ConfigError(
             f"{src}: model.preset: unknown preset {preset!r}; choose from {sorted(MODEL_PRESETS)}"
         )
     model = build_dataclass(ModelConfig, {**MODEL_PRESETS[preset], **model_raw}, f"{src}: model")
-    data = build_dataclass(DataConfig, dict(raw.get("data") or {}), f"{src}: data")
-    train = build_dataclass(TrainConfig, dict(raw.get("train") or {}), f"{src}: train")
+    data = build_dataclass(DataConfig, raw["data"], f"{src}: data")
+    train = build_dataclass(TrainConfig, raw["train"], f"{src}: train")
     if data.seq_len > model.max_seq_len:
         raise ConfigError(
             f"{src}: data.seq_len={data.seq_len} is above the model's {model.max_seq_len} positions "
             f"(model.max_position_embeddings={model.max_position_embeddings} minus padding_idx + 1)"
         )
-    return RunConfig(model=model, data=data, train=train, preset=preset)
+    return RunConfig(model=model, data=data, train=train, preset=preset, stated=stated)

@@ -8,7 +8,6 @@ pipeline("fill-mask") load.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -16,8 +15,13 @@ import torch
 import yaml
 
 from roberta_ds.config import ModelConfig, build_dataclass
+from roberta_ds.errors import EXIT_BAD_INPUT, InputError
 from roberta_ds.model import save_hf_state_dict
 from roberta_ds.training.checkpoint import CheckpointError, resolve
+
+
+class ExportError(CheckpointError):
+    pass
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -35,14 +39,11 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent  # run_dir/checkpoints/step_*
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    ckpt = resolve(str(checkpoint), Path(checkpoint))
-    run_dir = run_dir_of(ckpt)
-    cfg_path = run_dir / "run_config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{cfg_path} not found: export needs the run folder the checkpoint came from")
-    run_cfg = yaml.safe_load(cfg_path.read_text())
-    model_cfg = build_dataclass(ModelConfig, run_cfg["model"], f"{cfg_path}: model")
+def tokenizer_dir(run_dir: Path, run_cfg: dict) -> Path:
+    """The run folder's own copy; runs from before it was kept fall back to the dataset's."""
+    own = run_dir / "tokenizer"
+    if own.is_dir():
+        return own
     from roberta_ds.data.corpus import builtin_dataset_dir
 
     d = run_cfg["data"]
@@ -51,15 +52,28 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         if d["dataset"] == "builtin"
         else Path(d["dataset"])
     )
-    tokenizer = None
     if (data_dir / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
+        return data_dir / "tokenizer"
+    raise ExportError(
+        f"no tokenizer for {run_dir}: neither {own} nor {data_dir / 'tokenizer'} exists "
+        "(a relative dataset path is read from the current folder: run export where training ran)"
+    )
 
-        tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
-    else:
-        logging.warning(
-            "export: tokenizer folder %s not found; writing the model without it", data_dir / "tokenizer"
-        )
+
+def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"--out {out} exists and is not empty; choose a new folder or pass --overwrite")
+    ckpt = resolve(str(checkpoint), Path(checkpoint))
+    run_dir = run_dir_of(ckpt)
+    cfg_path = run_dir / "run_config.yaml"
+    if not cfg_path.is_file():
+        raise ExportError(f"{cfg_path} not found: export needs the run folder the checkpoint came from")
+    run_cfg = yaml.safe_load(cfg_path.read_text())
+    model_cfg = build_dataclass(ModelConfig, run_cfg["model"], f"{cfg_path}: model")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(run_dir, run_cfg))
     return save_hf_state_dict(consolidated_state_dict(ckpt), model_cfg, out, tokenizer)
 
 
@@ -72,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--checkpoint", required=True, help="a run folder (its latest checkpoint) or a step_* folder"
     )
-    ap.add_argument("--out", required=True, help="Hugging Face folder to write")
+    ap.add_argument("--out", required=True, help="Hugging Face folder to write (new or empty)")
+    ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = export(args.checkpoint, args.out)
-    except CheckpointError as e:
+        out = export(args.checkpoint, args.out, overwrite=args.overwrite)
+    except InputError as e:
         print(f"export: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(f"export: wrote {out}")
     return 0
 

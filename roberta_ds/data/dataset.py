@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from roberta_ds.errors import InputError
 
-class DatasetError(ValueError):
+
+class DatasetError(InputError):
     pass
 
 

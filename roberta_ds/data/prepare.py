@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from roberta_ds.config import MIN_BPE_VOCAB
 from roberta_ds.data.tokenizer import check_roberta_layout, iter_batches, load_tokenizer, train_bpe
+from roberta_ds.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
 
 
-class PrepareError(ValueError):
+class PrepareError(InputError):
     """A bad input to prepare; the message names the file or value."""
 
 
@@ -92,11 +94,24 @@ def list_inputs(inputs: list[str], report: Report) -> list[tuple[str, str]]:
             if kind == "text" and _is_binary(p):
                 raise PrepareError(f"{p}: looks like a binary file (NUL bytes), not text")
             out.append((kind, str(p)))
-        elif p.suffix or "/" not in item or item.startswith((".", "/")):
-            raise PrepareError(f"input not found: {item}")
+        elif not _looks_like_hub_name(item):
+            raise PrepareError(f"input not found: {item} (no such file or folder under {Path.cwd()})")
         else:
             out.append(("hub", item))  # 'owner/name': a datasets hub name, where a network exists
     return out
+
+
+def _looks_like_hub_name(item: str) -> bool:
+    """'owner/name' and nothing local by that name: a missing relative folder such as
+    'corpus/wiki' (whose 'corpus' exists here) or 'corpus/' is an error, never a Hub request."""
+    parts = item.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not Path(parts[0]).exists()
+        and not Path(item).suffix
+        and not item.startswith((".", "~"))
+    )
 
 
 def iter_documents(inputs: list[tuple[str, str]], text_field: str, report: Report) -> Iterator[str]:
@@ -106,36 +121,43 @@ def iter_documents(inputs: list[tuple[str, str]], text_field: str, report: Repor
 
     datasets.disable_progress_bars()
     for kind, src in inputs:
-        if kind == "text":
-            ds = datasets.load_dataset(
-                "text",
-                data_files=[src],
-                sample_by="paragraph",
-                encoding_errors="replace",
-                split="train",
-                streaming=True,
-            )
-        elif kind == "hub":
-            ds = datasets.load_dataset(src, split="train", streaming=True)
-        else:
-            ds = datasets.load_dataset(kind, data_files=[src], split="train", streaming=True)
         try:
-            for row in ds:
-                if text_field not in row:
-                    raise PrepareError(
-                        f"{src}: rows have no {text_field!r} field (fields: {sorted(row)}); pass --text-field"
-                    )
-                text = row[text_field]
-                if not isinstance(text, str) or not text.strip():
-                    report.empty_documents += 1
-                    continue
-                report.replaced_characters += text.count("\ufffd")
-                report.documents += 1
-                yield text
+            yield from _read(kind, src, text_field, report)
         except PrepareError:
             raise
-        except Exception as e:  # datasets wraps parse errors in many types; name the file
-            raise PrepareError(f"{src}: could not read as {kind}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # datasets wraps parse and network errors in many types; name the input
+            what = "as a datasets hub name (not a local file or folder)" if kind == "hub" else f"as {kind}"
+            raise PrepareError(f"{src}: could not read {what}: {type(e).__name__}: {e}") from e
+
+
+def _read(kind: str, src: str, text_field: str, report: Report) -> Iterator[str]:
+    import datasets
+
+    if kind == "text":
+        ds = datasets.load_dataset(
+            "text",
+            data_files=[src],
+            sample_by="paragraph",
+            encoding_errors="replace",
+            split="train",
+            streaming=True,
+        )
+    elif kind == "hub":
+        ds = datasets.load_dataset(src, split="train", streaming=True)
+    else:
+        ds = datasets.load_dataset(kind, data_files=[src], split="train", streaming=True)
+    for row in ds:
+        if text_field not in row:
+            raise PrepareError(
+                f"{src}: rows have no {text_field!r} field (fields: {sorted(row)}); pass --text-field"
+            )
+        text = row[text_field]
+        if not isinstance(text, str) or not text.strip():
+            report.empty_documents += 1
+            continue
+        report.replaced_characters += text.count("\ufffd")
+        report.documents += 1
+        yield text
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +266,7 @@ def prepare(
     if seq_len < 8:
         raise PrepareError(f"seq_len={seq_len} is too short for a block (<s> ... </s>)")
     settings = dict(
-        inputs=[str(i) for i in inputs],
+        inputs=[_canonical(i) for i in inputs],
         tokenizer=tokenizer,
         vocab_size=vocab_size,
         seq_len=seq_len,
@@ -254,7 +276,9 @@ def prepare(
     meta_path = out_dir / "metadata.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("settings") == settings and not overwrite:
+        old = dict(meta.get("settings") or {})
+        old["inputs"] = [_canonical(i) for i in old.get("inputs", [])]  # same file, other spelling
+        if old == settings and not overwrite:
             log.info("prepare: %s is already prepared with these settings; reusing it", out_dir)
             return out_dir
         if not overwrite:
@@ -269,10 +293,69 @@ def prepare(
 
     report = Report()
     files = list_inputs(list(inputs), report)
-    # An interrupted earlier run leaves only a .tmp folder, which is never taken for a dataset.
+    check_tokenizer_arg(tokenizer, vocab_size)
+    # A killed earlier run may leave a .tmp folder, which is never taken for a dataset; a failed
+    # one removes it.
     tmp = out_dir.with_name(f"{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _prepare_into(
+            tmp,
+            out_dir,
+            files,
+            report,
+            inputs,
+            settings,
+            tokenizer,
+            vocab_size,
+            seq_len,
+            valid_every,
+            text_field,
+            num_proc,
+            shard_blocks,
+            tokenizer_train_docs,
+            progress,
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _canonical(item) -> str:
+    """An input path as an absolute path (the same file spelled relative or absolute is one input)."""
+    p = Path(item)
+    return str(p.resolve()) if p.exists() else str(item)
+
+
+def check_tokenizer_arg(tokenizer: str, vocab_size: int) -> None:
+    if tokenizer == "train" and vocab_size < MIN_BPE_VOCAB:
+        raise PrepareError(
+            f"--vocab-size {vocab_size} is too small for a byte-level BPE (256 bytes + 5 specials need "
+            f"at least {MIN_BPE_VOCAB})"
+        )
+    looks_local = tokenizer.startswith((".", "/", "~")) or tokenizer.count("/") > 1
+    if tokenizer not in ("train", "gpt2") and looks_local and not Path(tokenizer).expanduser().is_dir():
+        raise PrepareError(f"tokenizer folder not found: {tokenizer}")
+
+
+def _prepare_into(
+    tmp,
+    out_dir,
+    files,
+    report,
+    inputs,
+    settings,
+    tokenizer,
+    vocab_size,
+    seq_len,
+    valid_every,
+    text_field,
+    num_proc,
+    shard_blocks,
+    tokenizer_train_docs,
+    progress,
+) -> Path:
     t0 = time.time()
 
     tok_dir = tmp / "tokenizer"
@@ -280,8 +363,14 @@ def prepare(
         docs = (d for _, d in zip(range(tokenizer_train_docs), iter_documents(files, text_field, Report())))
         tok = train_bpe(docs, vocab_size)
     else:
-        tok = load_tokenizer(tokenizer)
-    check_roberta_layout(tok)
+        try:
+            tok = load_tokenizer(tokenizer)
+        except (OSError, ValueError, ImportError) as e:
+            raise PrepareError(f"--tokenizer {tokenizer}: {type(e).__name__}: {str(e)[:300]}") from None
+    try:
+        check_roberta_layout(tok)
+    except ValueError as e:
+        raise PrepareError(f"--tokenizer {tokenizer}: {e}") from None
     tok.save_pretrained(tok_dir)
     vocab = len(tok)
     dtype = token_dtype(vocab)
@@ -310,7 +399,6 @@ def prepare(
             bar.update(len(encoded))
     bar.close()
     if report.documents == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise PrepareError(
             f"no documents found in {list(inputs)} (empty files or empty documents only: "
             f"{report.empty_documents} empty)"

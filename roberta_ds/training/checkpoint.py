@@ -1,29 +1,41 @@
-"""Checkpoints: DeepSpeed's sharded states plus our client state, an atomic `latest` pointer, and
-the last K kept.
+"""Checkpoints: DeepSpeed's sharded states plus our client state, immutable once complete.
 
   run_dir/checkpoints/step_00000500/   DeepSpeed files (ZeRO shards), rng_rank*.pt, COMPLETE
   run_dir/checkpoints/latest           text: the tag of the newest complete checkpoint (written by
                                        rename, after every rank finished; DeepSpeed's own non-atomic
                                        'latest' is turned off)
-A checkpoint without COMPLETE (a rank killed mid-save) is never resumed from.
+  run_dir/checkpoints/universal/       DeepSpeed universal conversions (resuming on another world size)
+
+Each save writes into a fresh hidden folder `.tmp-step_*-<id>`, adds COMPLETE (a JSON manifest: step,
+model config, every file's size) and is renamed into `step_*` in one step, so a `step_*` folder is
+complete and never written again: a save that finds its step complete does nothing, stale shards
+of an interrupted save cannot mix with a new one, and a kill at any point leaves the last complete
+checkpoint as it was. Pruning keeps the newest `keep_last` complete checkpoints (and their
+universal conversions).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import shutil
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from roberta_ds.training.distributed import barrier
+from roberta_ds.errors import InputError
+from roberta_ds.training.distributed import all_agree, barrier, rank0_does
 
 COMPLETE = "COMPLETE"
+TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     pass
 
 
@@ -46,28 +58,132 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, rank: int) -> Path:
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def manifest(path: Path) -> dict:
+    """COMPLETE's content; {} for checkpoints written before it was a JSON manifest."""
+    try:
+        data = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _no_space_message(ckpt_root: Path, e: BaseException) -> str | None:
+    chain, x = [], e
+    while x is not None and len(chain) < 10:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    # torch's zip writer reports a full disk as "unexpected pos N vs M" (no errno)
+    if any(getattr(c, "errno", None) == errno.ENOSPC or "unexpected pos" in str(c) for c in chain):
+        free = shutil.disk_usage(ckpt_root).free / 2**20
+        return (
+            f"no space left on device while writing a checkpoint under {ckpt_root} ({free:.0f} MiB free); "
+            "the previous checkpoints are intact: free some space, then run again to resume"
+        )
+    return None
+
+
+def save(
+    engine,
+    run_dir: Path,
+    step: int,
+    client_state: dict,
+    keep_last: int,
+    rank: int,
+    tag: str | None = None,
+    make_latest: bool = True,
+) -> Path:
+    """Write checkpoint `tag` (default step_XXXXXXXX) for every rank; returns its folder.
+
+    Called by every rank. A checkpoint already complete under that tag is left as it is.
+    `make_latest=False` saves aside: `latest` does not move and nothing is pruned."""
     ckpt_root = run_dir / "checkpoints"
-    tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), ckpt_root / tag / f"rng_rank{rank:05d}.pt")
-    barrier()
+    tag = tag or tag_for(step)
+    final = ckpt_root / tag
+
+    def prepare_tmp():
+        if is_complete(final):
+            return None
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob(f"{TMP_PREFIX}*"):  # interrupted saves (the run lock is ours)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = ckpt_root / f"{TMP_PREFIX}{tag}-{os.getpid()}-{time.time_ns()}"
+        tmp.mkdir()
+        return tmp.name
+
+    tmp_name = rank0_does(prepare_tmp, CheckpointError)
+    tmp_name = _broadcast(tmp_name)
+    if tmp_name is None:
+        return final  # complete already: immutable
+    tmp = ckpt_root / tmp_name
+    failure = None
+    try:
+        engine.save_checkpoint(str(ckpt_root), tag=tmp_name, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    except Exception as e:  # shared below so that no rank waits for one that failed
+        failure = _no_space_message(ckpt_root, e) or f"saving {final} failed: {type(e).__name__}: {e}"
+    if all_agree(failure is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(failure or f"saving {final} failed on another rank")
     if rank == 0:
-        (ckpt_root / tag / COMPLETE).write_text(f"{step}\n")
-        tmp = ckpt_root / f".latest.tmp{os.getpid()}"
-        tmp.write_text(tag + "\n")
-        os.replace(tmp, ckpt_root / "latest")  # atomic: readers see the old or the new tag
-        done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
-        for old in done[:-keep_last] if keep_last > 0 else []:
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
+        _finish(tmp, final, step, client_state)
+        if make_latest:
+            _point_latest(ckpt_root, tag)
+            prune(ckpt_root, keep_last)
     barrier()
-    return ckpt_root / tag
+    return final
+
+
+def _broadcast(value):
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _finish(tmp: Path, final: Path, step: int, client_state: dict) -> None:
+    """COMPLETE (with a manifest of every file's size), then one rename into place."""
+    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    info = {"step": step, "model": client_state.get("config", {}).get("model"), "files": files}
+    try:
+        (tmp / COMPLETE).write_text(json.dumps(info, indent=1) + "\n")
+        if final.exists():  # an incomplete folder left by an older version: never resumed from
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_no_space_message(final.parent, e) or f"{final}: {e}") from None
+
+
+def _point_latest(ckpt_root: Path, tag: str) -> None:
+    tmp = ckpt_root / f".latest.tmp{os.getpid()}"
+    tmp.write_text(tag + "\n")
+    os.replace(tmp, ckpt_root / "latest")  # atomic: readers see the old or the new tag
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete step_* checkpoints (0 = all) and the universal
+    conversions of those; incomplete step folders are never counted as kept."""
+    if keep_last <= 0:
+        return
+    complete = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and is_complete(p))
+    kept = {p.name for p in complete[-keep_last:]}
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for conv in (ckpt_root / "universal").glob("step_*"):
+        if conv.name not in kept:
+            shutil.rmtree(conv, ignore_errors=True)
 
 
 def resolve(path_or_auto: str | None, run_dir: Path) -> Path | None:
     """The checkpoint folder to resume from: 'auto' = this run's latest (None if it has none);
-    a run folder = its latest; a step_* folder = itself. Missing or incomplete ones are errors."""
+    a run folder = its latest; a step_* folder = itself. Missing, incomplete or truncated ones
+    are errors naming the folder or file."""
     if path_or_auto is None:
         return None
     if path_or_auto == "auto":
@@ -83,18 +199,43 @@ def resolve(path_or_auto: str | None, run_dir: Path) -> Path | None:
         path = path / tag
     if not path.is_dir():
         raise CheckpointError(f"checkpoint to resume from not found: {path}")
-    if not (path / COMPLETE).is_file():
+    if not is_complete(path):
         raise CheckpointError(
             f"{path}: incomplete or corrupt checkpoint (no {COMPLETE} marker; the save was "
             "interrupted) - resume from an earlier step_* folder"
         )
+    for name, size in manifest(path).get("files", {}).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            got = f.stat().st_size if f.is_file() else "missing"
+            raise CheckpointError(f"{f}: corrupt checkpoint file ({got} bytes, {size} when saved)")
     return path
 
 
+def corrupt_file(ckpt: Path) -> Path | None:
+    """The first .pt file of a checkpoint that is not a readable archive (named in errors)."""
+    for f in sorted(ckpt.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                if z.testzip() is not None:
+                    return f
+        except (zipfile.BadZipFile, OSError):
+            return f
+    return None
+
+
 def load(engine, ckpt: Path, rank: int, load_optimizer: bool = True) -> dict:
-    path, client_state = engine.load_checkpoint(
-        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=load_optimizer, load_lr_scheduler_states=True
-    )
+    try:
+        path, client_state = engine.load_checkpoint(
+            str(ckpt.parent),
+            tag=ckpt.name,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=True,
+        )
+    except Exception as e:
+        bad = corrupt_file(ckpt)
+        where = f"{bad}: corrupt checkpoint file" if bad else f"{ckpt}: could not load"
+        raise CheckpointError(f"{where} ({type(e).__name__}: {str(e)[:300]})") from None
     if path is None:
         raise CheckpointError(f"{ckpt}: DeepSpeed could not load this checkpoint")
     rng = ckpt / f"rng_rank{rank:05d}.pt"
@@ -108,36 +249,31 @@ def saved_world_size(ckpt: Path) -> int:
     return len(list(ckpt.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")))
 
 
-def to_universal(ckpt: Path, rank: int) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (once; rank 0 writes, the others
-    wait), so that it can be resumed on a different number of ranks."""
+def to_universal(ckpt: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (once; rank 0 converts and shares
+    the outcome with every rank), so that it can be resumed on a different number of ranks."""
     out = ckpt.parent / "universal" / ckpt.name
-    if rank == 0 and not out.is_dir():
+
+    def convert():
+        if out.is_dir():
+            return
         import subprocess
         import sys
 
-        tmp = out.with_name(out.name + ".tmp")
+        tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            str(ckpt),
-            "--output_folder",
-            str(tmp),
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-        ]
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt)]
+        cmd += ["--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(
                 f"{ckpt}: conversion to a universal checkpoint failed:\n{res.stderr[-2000:]}"
             )
         for f in ckpt.glob("rng_rank*.pt"):
             shutil.copy(f, tmp / f.name)
         tmp.rename(out)
+
+    rank0_does(convert, CheckpointError)
     barrier()
     return out

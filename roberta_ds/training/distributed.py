@@ -14,9 +14,7 @@ import socket
 
 import torch
 
-
-class RendezvousError(RuntimeError):
-    pass
+from roberta_ds.errors import RendezvousError
 
 
 def _free_port() -> int:
@@ -55,6 +53,23 @@ def expected_world_size() -> int:
         if key in env:
             return int(env[key])
     return 1
+
+
+def expected_rank() -> int:
+    """This process's rank as the launcher set it, read before the process group exists."""
+    fill_env_from_slurm()
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def expected_local_world_size() -> int:
+    """Ranks on this node (they share its host memory and GPUs)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return expected_world_size()
 
 
 def fill_env_from_mpi() -> None:
@@ -121,9 +136,31 @@ def device() -> torch.device:
 
 def all_agree(flag: bool) -> bool:
     """True when any rank says True (a MAX all-reduce): used for stop decisions at step boundaries."""
+    if not torch.distributed.is_initialized():
+        return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def rank0_does(fn, error_type: type[Exception]):
+    """Run `fn` on rank 0 only and share its verdict with every rank before anyone waits on a
+    barrier: on failure every rank raises `error_type` with rank 0's message at once (instead of
+    the others sitting in a barrier until the process-group timeout). Returns fn's result on rank 0."""
+    result, verdict = None, [None]
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # shared, then re-raised with its traceback on rank 0
+            verdict[0] = f"{e}"
+            if torch.distributed.is_initialized():
+                torch.distributed.broadcast_object_list(verdict, src=0)
+            raise
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise error_type(f"rank 0 failed: {verdict[0]}")
+    return result
 
 
 def barrier() -> None:

@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from roberta_ds.errors import InputError
 
-class DSConfigError(ValueError):
+
+class DSConfigError(InputError):
     pass
 
 
@@ -82,7 +84,8 @@ def resolve_batch(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
 
 def precision(cfg: dict[str, Any]) -> str:
     fp16 = cfg.get("fp16", {}).get("enabled", False)
-    bf16 = cfg.get("bf16", {}).get("enabled", False)
+    # DeepSpeed reads "bfloat16" as an alias of "bf16" (deepspeed/runtime/config.py)
+    bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
     if fp16 and bf16:
         raise DSConfigError(f"{cfg.get('_source')}: fp16 and bf16 are both enabled; pick one")
     return "fp16" if fp16 else "bf16" if bf16 else "fp32"

@@ -7,28 +7,69 @@ Exactness: each optimizer step reseeds torch's RNG from (seed, step, rank), and 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from roberta_ds.config import ConfigError, RunConfig
 from roberta_ds.data.corpus import builtin_dataset_dir, prepare_builtin
-from roberta_ds.data.dataset import PackedDataset, read_metadata
+from roberta_ds.data.dataset import DatasetError, PackedDataset, read_metadata
 from roberta_ds.data.masking import MLMCollator
 from roberta_ds.data.sampler import GlobalOrderSampler
 from roberta_ds.model import RobertaMLM, load_hf
 from roberta_ds.training import checkpoint, ds_config
-from roberta_ds.training.distributed import all_agree, barrier, device, expected_world_size, init_distributed
+from roberta_ds.training.distributed import (
+    all_agree,
+    barrier,
+    device,
+    expected_local_world_size,
+    expected_rank,
+    expected_world_size,
+    init_distributed,
+    rank0_does,
+)
 from roberta_ds.training.metrics import MetricsLog, peak_flops
 from roberta_ds.training.optim import build_optimizer, lr_lambda
-from roberta_ds.training.preemption import EXIT_NONFINITE, EXIT_PREEMPTED, PREEMPTED_MARKER, StopFlag
+from roberta_ds.training.preemption import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    PREEMPTED_MARKER,
+    StopFlag,
+    ignore_stop_signals,
+    watch_launcher,
+)
+from roberta_ds.training.preflight import preflight
+from roberta_ds.training.run_dir import check_resume_model, check_run_dir
+from roberta_ds.training.run_dir import lock as run_dir_lock
 
 log = logging.getLogger("roberta_ds.train")
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """Dropout RNG per (seed, step, rank) through a seed sequence: no two ranks or steps collide
+    (a linear mix like seed*a + step*b + rank repeats once rank passes b)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+
+
+def copy_tokenizer(data_dir: Path, run_dir: Path) -> None:
+    """The run folder keeps its own tokenizer, so export needs nothing but the run folder."""
+    dst = run_dir / "tokenizer"
+    if dst.is_dir():
+        return
+    tmp = run_dir / ".tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(data_dir / "tokenizer", tmp)
+    tmp.rename(dst)
 
 
 class _Keys(torch.utils.data.Dataset):
@@ -38,42 +79,20 @@ class _Keys(torch.utils.data.Dataset):
         return items
 
 
-# Settings that may change between the sessions of one run (how it runs, not what it trains).
-RUNTIME_ONLY = {"kernels", "num_workers", "cache_dir"}
-
-
-def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    """A new run never overwrites another run's checkpoints."""
-    saved = run_dir / "run_config.yaml"
-    if not saved.is_file():
-        if (run_dir / "checkpoints").exists():
-            raise ConfigError(
-                f"{run_dir} holds checkpoints but no run_config.yaml; pick another train.run_dir"
-            )
-        return
-    old = yaml.safe_load(saved.read_text())
-    new = cfg.to_dict()
-    for section in ("model", "data"):
-        diff = sorted(
-            k
-            for k in new[section]
-            if k not in RUNTIME_ONLY and old.get(section, {}).get(k) != new[section][k]
-        )
-        if diff and cfg.train.resume is not None:
-            raise ConfigError(
-                f"{run_dir} holds another run (its {section} differs in {diff}); pick another train.run_dir"
-            )
-    if cfg.train.resume is None and (run_dir / "checkpoints").exists():
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints; set train.resume: auto to continue that run "
-            "or pick another train.run_dir"
-        )
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str):
         self.cfg = cfg
-        ds_cfg = self._check_inputs(ds_config_path)  # before any process group or model exists
+        t = cfg.train
+        # First: a stop signal that arrives while building is honoured at the first step boundary.
+        self.stop = StopFlag(["SIGTERM", t.preempt_signal], t.time_limit_minutes)
+        watch_launcher()
+        self._lock = None
+        try:
+            ds_cfg = self._check_inputs(ds_config_path)  # before any process group or model exists
+        except BaseException:
+            if self._lock is not None:  # in-process callers (tests) may go on to use the folder
+                os.close(self._lock)
+            raise
         self.rank, self.local_rank, self.world = init_distributed()
         self.device = device()
         self.global_batch = ds_cfg["train_batch_size"]
@@ -88,8 +107,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             (self.run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.rank == 0)
-        self.peak = peak_flops(self.precision, cfg.train.peak_flops)
+            copy_tokenizer(self.data_dir, self.run_dir)
+        self.metrics = MetricsLog(
+            self.run_dir / "metrics.jsonl", enabled=self.rank == 0, resume_step=self.step
+        )
+        self.peak = peak_flops(self.precision, t.peak_flops)
         self.flops_per_token = model.flops_per_token(self.seq_len, cfg.data.mlm_probability)
 
     def _check_inputs(self, ds_config_path: str) -> dict:
@@ -98,16 +120,36 @@ class Trainer:
         ds_config.check_for_device(ds_raw, "cuda" if torch.cuda.is_available() else "cpu")
         self.precision = ds_config.precision(ds_raw)
         self.run_dir = Path(self.cfg.train.run_dir)
-        ds_cfg = ds_config.for_engine(ds_raw, expected_world_size(), self.run_dir)
+        world = expected_world_size()
+        ds_cfg = ds_config.for_engine(ds_raw, world, self.run_dir)
+        if self.cfg.data.dataset != "builtin":  # derives model.vocab_size and data.seq_len
+            self._check_dataset(Path(self.cfg.data.dataset), ds_cfg["train_batch_size"])
+        if expected_rank() == 0:  # held until the process exits; the OS releases it on any death
+            self._lock = run_dir_lock(self.run_dir)
         check_run_dir(self.cfg, self.run_dir)
         self.resume_from = checkpoint.resolve(self.cfg.train.resume, self.run_dir)
-        if self.cfg.data.dataset != "builtin":
-            self._check_dataset(Path(self.cfg.data.dataset))
+        seq = self.cfg.data.seq_len
+        if self.resume_from is not None and self.cfg.data.dataset != "builtin":
+            check_resume_model(self.resume_from, dataclasses.asdict(self.cfg.model))
+        self._log(
+            preflight(
+                self.cfg.model,
+                ds_raw | ds_cfg,
+                self.precision,
+                world,
+                expected_local_world_size(),
+                seq,
+                self.cfg.data.mlm_probability,
+            ),
+            rank=expected_rank(),
+        )
         return ds_cfg
 
     def _build_data(self) -> None:
         self.data_dir = self._dataset()
-        meta = self._check_dataset(self.data_dir)
+        meta = self._check_dataset(self.data_dir, self.global_batch)
+        if self.resume_from is not None:
+            check_resume_model(self.resume_from, dataclasses.asdict(self.cfg.model))
         self.seq_len = meta["seq_len"]
         self.train_set = PackedDataset(self.data_dir, "train")
         self.valid_set = PackedDataset(self.data_dir, "valid")
@@ -143,7 +185,7 @@ class Trainer:
         opt = build_optimizer(model, t, offload=ds_config.offloads_optimizer(ds_cfg))
         saved = checkpoint.saved_world_size(self.resume_from) if self.resume_from else 0
         if saved and saved != self.world:  # ZeRO shards are per rank: go through the universal format
-            self.resume_from = checkpoint.to_universal(self.resume_from, self.rank)
+            self.resume_from = checkpoint.to_universal(self.resume_from)
             ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
             self._log(f"resuming a {saved}-rank checkpoint on {self.world} ranks via {self.resume_from}")
         # The schedule is built on the optimizer DeepSpeed wraps (ZeRO regroups parameters).
@@ -165,32 +207,57 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------------------
-    def _log(self, msg: str) -> None:
-        if self.rank == 0:
+    def _log(self, msg: str, rank: int | None = None) -> None:
+        if (self.rank if rank is None else rank) == 0:
             log.info(msg)
 
-    def _check_dataset(self, folder: Path) -> dict:
+    def _check_dataset(self, folder: Path, global_batch: int) -> dict:
+        """The dataset owns vocab size and block length: derive them (a stated value must agree),
+        and check that it can feed this run."""
         meta = read_metadata(folder)
-        m = self.cfg.model
-        if meta["vocab_size"] != m.vocab_size:
+        m, d, t, stated = self.cfg.model, self.cfg.data, self.cfg.train, self.cfg.stated
+        if "model.vocab_size" in stated and meta["vocab_size"] != m.vocab_size:
             raise ConfigError(
                 f"the tokenizer of {folder} has {meta['vocab_size']} tokens but "
-                f"model.vocab_size={m.vocab_size}; set model.vocab_size: {meta['vocab_size']}"
+                f"model.vocab_size={m.vocab_size}; set model.vocab_size: {meta['vocab_size']} or leave it out"
+            )
+        if d.dataset != "builtin" and "data.seq_len" in stated and meta["seq_len"] != d.seq_len:
+            raise ConfigError(
+                f"{folder} holds blocks of {meta['seq_len']} tokens but data.seq_len={d.seq_len}; "
+                "leave data.seq_len out (the dataset sets it) or prepare the data again"
             )
         if meta["seq_len"] > m.max_seq_len:
             raise ConfigError(
                 f"{folder} has seq_len={meta['seq_len']}, above the model's {m.max_seq_len} positions"
             )
+        self.cfg.model = dataclasses.replace(m, vocab_size=meta["vocab_size"])
+        self.cfg.data = dataclasses.replace(d, seq_len=meta["seq_len"])
+        train_blocks = meta["splits"]["train"]["num_blocks"]
+        if train_blocks < global_batch:
+            raise DatasetError(
+                f"{folder}: the train split has {train_blocks} blocks, fewer than one global batch "
+                f"(train_batch_size={global_batch}); add data or lower train_batch_size"
+            )
+        if t.eval_every and meta["splits"].get("valid", {}).get("num_blocks", 0) == 0:
+            raise DatasetError(
+                f"{folder}: the valid split is empty but train.eval_every={t.eval_every}; prepare with "
+                "a smaller --valid-every or set train.eval_every: 0"
+            )
+        if not (folder / "tokenizer").is_dir():
+            raise DatasetError(f"{folder / 'tokenizer'}: tokenizer folder missing; prepare the dataset again")
         return meta
 
     def _dataset(self) -> Path:
         d = self.cfg.data
         if d.dataset != "builtin":
             return Path(d.dataset)
-        if self.rank == 0:  # one rank prepares (once, cached), the others wait for it
-            prepare_builtin(
+
+        def build():  # one rank prepares (once, cached); every rank learns whether it worked
+            return prepare_builtin(
                 d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len, progress=self.cfg.train.progress_bar
             )
+
+        rank0_does(build, DatasetError)
         barrier()
         return builtin_dataset_dir(d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len)
 
@@ -235,6 +302,7 @@ class Trainer:
                 num_workers=self.cfg.data.num_workers,
                 persistent_workers=self.cfg.data.num_workers > 0,
                 pin_memory=self.device.type == "cuda",  # so that .to(device, non_blocking=True) overlaps,
+                worker_init_fn=functools.partial(ignore_stop_signals, (self.cfg.train.preempt_signal,)),
             )
         )
 
@@ -251,18 +319,27 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
-    def save(self) -> Path:
+    def save(self, tag: str | None = None, make_latest: bool = True) -> Path:
         path = checkpoint.save(
-            self.engine, self.run_dir, self.step, self._state(), self.cfg.train.keep_last, self.rank
+            self.engine,
+            self.run_dir,
+            self.step,
+            self._state(),
+            self.cfg.train.keep_last,
+            self.rank,
+            tag=tag,
+            make_latest=make_latest,
         )
-        self._log(f"saved checkpoint {path}")
+        self._log(f"checkpoint {path} complete")
         return path
 
     # ----------------------------------------------------------------------------------------
     def fit(self) -> int:
         """Train to train.max_steps; returns the process exit code (0, EXIT_PREEMPTED, EXIT_NONFINITE)."""
-        t = self.cfg.train
-        stop = StopFlag(["SIGTERM", t.preempt_signal], t.time_limit_minutes)
+        t, stop = self.cfg.train, self.stop
+        if self.step >= t.max_steps:  # a finished run run again: nothing to train, nothing rewritten
+            self._log(f"the run is complete at step {self.step} (train.max_steps={t.max_steps})")
+            return 0
         batches = self._loader()
         self.engine.train()
         from tqdm import tqdm
@@ -287,7 +364,8 @@ class Trainer:
                 if self.rank == 0:  # read by slurm/common.sh: requeue even if srun reports a kill
                     (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
                 return EXIT_PREEMPTED
-            torch.manual_seed(t.seed * 1_000_003 + self.step * 1_009 + self.rank)  # dropout RNG per step
+            torch.manual_seed(dropout_seed(t.seed, self.step, self.rank))
+            lr = self.sched.get_last_lr()[0]  # this step's; the scheduler moves on inside engine.step()
             loss_sum = torch.zeros((), device=self.device)
             for _ in range(self.accum):
                 out = self.engine(**self._to_device(next(batches)))
@@ -304,18 +382,26 @@ class Trainer:
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.max_steps or self.nonfinite:
                 dt = time.perf_counter() - t_last
-                self._log_step(loss, tokens_last / dt, bar)
+                self._log_step(loss, lr, tokens_last / dt, bar)
                 t_last, tokens_last = time.perf_counter(), 0
             if self.nonfinite >= t.max_nonfinite_steps:
+                # Saved aside for inspection: `latest` stays on the last good checkpoint and nothing
+                # is pruned, since the updates may not have been skipped (bf16 is not overflow-checked).
+                aside = self.save(tag=f"nonfinite_{checkpoint.tag_for(self.step)}", make_latest=False)
                 self._log(
-                    f"stopping: {self.nonfinite} consecutive non-finite losses at step {self.step} "
-                    "(their updates were skipped)"
+                    f"stopping: {self.nonfinite} consecutive non-finite losses at step {self.step}; "
+                    f"weights saved aside in {aside}, latest unchanged"
                 )
-                self.save()
                 return EXIT_NONFINITE
             if t.eval_every and self.step % t.eval_every == 0:
                 self.evaluate()
-            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+            # never a periodic checkpoint (nor `latest`) on a non-finite loss
+            if (
+                t.save_every
+                and self.step % t.save_every == 0
+                and self.step < t.max_steps
+                and not self.nonfinite
+            ):
                 self.save()
         bar.close()
         if t.eval_every and self.step % t.eval_every:  # else it just ran inside the loop
@@ -324,14 +410,14 @@ class Trainer:
         self.metrics.close()
         return 0
 
-    def _log_step(self, loss: float, tokens_per_s: float, bar) -> None:
+    def _log_step(self, loss: float, lr: float, tokens_per_s: float, bar) -> None:
         gn = self.engine.get_global_grad_norm()
         gn = float(gn) if gn is not None else None
         achieved = tokens_per_s * self.flops_per_token / self.world
         row = {
             "step": self.step,
             "loss": loss,
-            "lr": self.sched.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": gn,
             "tokens_per_s": tokens_per_s,
             "mfu": achieved / self.peak if self.peak else None,

@@ -34,9 +34,27 @@ def peak_flops(precision: str, override: float | None = None) -> float | None:
 
 
 class MetricsLog:
-    def __init__(self, path: Path, enabled: bool):
+    """Appends rows; on opening, drops the rows past `resume_step` (logged after the checkpoint
+    that the run resumes from, and logged again now), so that every step appears once."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
         self.path, self.enabled = path, enabled
-        self._f = path.open("a") if enabled else None
+        self._f = None
+        if not enabled:
+            return
+        if path.is_file():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a kill mid-write
+                if row.get("step", 0) <= resume_step:
+                    keep.append(line + "\n")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(path)
+        self._f = path.open("a")
 
     def write(self, row: dict) -> None:
         if self._f:

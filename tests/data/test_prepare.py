@@ -87,7 +87,8 @@ def test_interrupted_prepare_never_looks_finished(corpus_dir, tmp_path, monkeypa
     monkeypatch.setattr(P.SplitWriter, "close", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(d / "docs.jsonl")], out, vocab_size=400, seq_len=64, num_proc=1, progress=False)
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "ds.tmp").exists()  # a failed prepare cleans up
+    (tmp_path / "ds.tmp").mkdir()  # what a killed one leaves
     with pytest.raises(DatasetError, match="unfinished prepare"):
         PackedDataset(out)
     monkeypatch.undo()

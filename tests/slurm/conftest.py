@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,5 +16,8 @@ def cluster():
             pytest.fail(f"CI must run the Slurm tests: {why}")
         pytest.skip(why)
     c = Cluster(Path(tempfile.mkdtemp(prefix="rds-slurm-"))).start()
-    yield c
-    c.stop()
+    try:
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(c.d, ignore_errors=True)  # holds a munge key: never left behind

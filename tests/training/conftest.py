@@ -56,7 +56,16 @@ def env():
     return e
 
 
-def launch(launcher: str, nproc: int, config: Path, ds: Path, *extra: str, port: int = 29600, timeout=300):
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(launcher: str, nproc: int, config: Path, ds: Path, *extra: str) -> list[str]:
+    port = free_port()
     if launcher == "torchrun":
         cmd = [
             sys.executable,
@@ -75,7 +84,11 @@ def launch(launcher: str, nproc: int, config: Path, ds: Path, *extra: str, port:
         ]
     else:
         cmd = [sys.executable]
-    cmd += [str(ROOT / "train.py"), "--config", str(config), "--deepspeed_config", str(ds), *extra]
+    return cmd + [str(ROOT / "train.py"), "--config", str(config), "--deepspeed_config", str(ds), *extra]
+
+
+def launch(launcher: str, nproc: int, config: Path, ds: Path, *extra: str, timeout=300, **_):
+    cmd = launch_cmd(launcher, nproc, config, ds, *extra)
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.training.conftest import ROOT, env, losses, write_config, write_ds
+from tests.training.conftest import ROOT, env, free_port, losses, write_config, write_ds
 
 pytestmark = pytest.mark.multiproc
 
@@ -49,13 +49,14 @@ def test_unreachable_master_fails_within_the_rendezvous_timeout(kjv_dataset, tmp
     cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run")
     ds = write_ds(tmp_path / "ds.json", train_batch_size=8, train_micro_batch_size_per_gpu=4)
     # rank 1 of 2 with nobody serving the rendezvous: it must give up, not hang
+    port = free_port()
     e = dict(
         env(),
         RANK="1",
         WORLD_SIZE="2",
         LOCAL_RANK="0",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT="29979",
+        MASTER_PORT=str(port),
         RDZV_TIMEOUT="5",
     )
     res = subprocess.run(
@@ -67,5 +68,5 @@ def test_unreachable_master_fails_within_the_rendezvous_timeout(kjv_dataset, tmp
         timeout=120,
     )
     assert res.returncode == 3, res.stderr[-3000:]
-    assert "could not join the process group at master 127.0.0.1:29979 within 5 s" in res.stderr
+    assert f"could not join the process group at master 127.0.0.1:{port} within 5 s" in res.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.training.conftest import ROOT, env, launch, losses, write_config, write_ds
+from tests.training.conftest import ROOT, env, launch, launch_cmd, losses, write_config, write_ds
 
 pytestmark = pytest.mark.multiproc
 
@@ -26,7 +26,7 @@ def reference_run(kjv_dataset, tmp_path_factory):
     d = tmp_path_factory.mktemp("ref")
     cfg = write_config(d / "run.yaml", kjv_dataset, d / "run")
     ds = write_ds(d / "ds.json")
-    ok(launch("torchrun", 2, cfg, ds, port=29611))
+    ok(launch("torchrun", 2, cfg, ds))
     return d / "run", cfg, ds
 
 
@@ -52,18 +52,7 @@ def test_zero3_two_processes_lower_the_loss(reference_run):
 def test_sigkill_and_resume_reproduces_losses_exactly_with_deepspeed_launcher(reference_run, tmp_path):
     ref_dir, _, ds = reference_run
     cfg = write_config(tmp_path / "run.yaml", _dataset_of(ref_dir), tmp_path / "run")
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus=2",
-        "--master_port=29612",
-        str(ROOT / "train.py"),
-        "--config",
-        str(cfg),
-        "--deepspeed_config",
-        str(ds),
-    ]
+    cmd = launch_cmd("deepspeed", 2, cfg, ds)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -75,7 +64,7 @@ def test_sigkill_and_resume_reproduces_losses_exactly_with_deepspeed_launcher(re
     proc.wait()
     killed_at = max(losses(tmp_path / "run"))
     assert 13 <= killed_at < 30
-    ok(launch("deepspeed", 2, cfg, ds, port=29613))
+    ok(launch("deepspeed", 2, cfg, ds))
     assert losses(tmp_path / "run") == losses(ref_dir)  # bit-for-bit equal per-step losses (fp32)
 
 
@@ -149,7 +138,12 @@ def test_signal_mid_run_checkpoints_and_resumes(kjv_dataset, tmp_path):
 
 def test_nonfinite_losses_skip_steps_then_stop_with_checkpoint(kjv_dataset, tmp_path):
     cfg = write_config(
-        tmp_path / "run.yaml", kjv_dataset, tmp_path / "run", max_steps=20, max_nonfinite_steps=3
+        tmp_path / "run.yaml",
+        kjv_dataset,
+        tmp_path / "run",
+        max_steps=20,
+        max_nonfinite_steps=3,
+        save_every=2,
     )
     ds = write_ds(tmp_path / "ds.json")
     script = tmp_path / "nan_train.py"
@@ -182,8 +176,11 @@ def test_nonfinite_losses_skip_steps_then_stop_with_checkpoint(kjv_dataset, tmp_
     assert "3 consecutive non-finite losses at step 5" in res.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["skipped_steps"] == 3  # DeepSpeed discarded those updates
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000005"
-    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_00000005")
+    # saved aside; latest stays on the last good checkpoint and nothing is pruned
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert os.path.isfile(ckpts / "nonfinite_step_00000005" / "COMPLETE")
+    assert not (ckpts / "step_00000005").exists() and not (ckpts / "step_00000004").exists()  # loss NaN
+    assert (ckpts / "latest").read_text().strip() == "step_00000002" and (ckpts / "step_00000002").is_dir()
 
 
 def test_continued_pretraining_from_a_hugging_face_folder(kjv_dataset, tmp_path):

@@ -1,0 +1,95 @@
+"""The run folder: one run at a time (an exclusive lock held for the run's life), never another
+run's checkpoints, and the model config of a checkpoint compared field by field on resume."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import yaml
+
+from roberta_ds.config import ConfigError, RunConfig
+from roberta_ds.training.checkpoint import CheckpointError, manifest
+
+LOCK_FILE = ".lock"
+# Settings that may change between the sessions of one run (how it runs, not what it trains).
+RUNTIME_ONLY = {"kernels", "num_workers", "cache_dir"}
+
+
+def lock(run_dir: Path) -> int:
+    """Take the run folder's exclusive lock (fcntl.flock on run_dir/.lock) for the life of the
+    process; the OS releases it when the process dies, however it dies. Returns the open fd."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(
+            f"{run_dir} is in use by another run (process {holder} holds {path}); wait for it to "
+            "finish or pick another train.run_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)
+    return fd
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """A new run never overwrites another run's checkpoints."""
+    saved = run_dir / "run_config.yaml"
+    if not saved.is_file():
+        if (run_dir / "checkpoints").exists():
+            raise ConfigError(
+                f"{run_dir} holds checkpoints but no run_config.yaml; pick another train.run_dir"
+            )
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = cfg.to_dict()
+    derived = {"vocab_size"} - {k.split(".")[1] for k in cfg.stated if k.startswith("model.")}
+    for section in ("model", "data"):
+        diff = sorted(
+            k
+            for k in new[section]
+            if k not in RUNTIME_ONLY | (derived if section == "model" else set())
+            and (old.get(section) or {}).get(k) != new[section][k]
+        )
+        if diff and cfg.train.resume is not None:
+            raise ConfigError(
+                f"{run_dir} holds another run (its {section} differs in {diff}); pick another train.run_dir"
+            )
+    if cfg.train.resume is None and (run_dir / "checkpoints").exists():
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints; set train.resume: auto to continue that run "
+            "or pick another train.run_dir"
+        )
+
+
+def checkpoint_model(ckpt: Path) -> dict | None:
+    """The model config a checkpoint was trained with: its manifest, else its run's run_config.yaml."""
+    model = manifest(ckpt).get("model")
+    if model is None:
+        saved = ckpt.parent.parent / "run_config.yaml"
+        if saved.is_file():
+            model = (yaml.safe_load(saved.read_text()) or {}).get("model")
+    return model
+
+
+def check_resume_model(ckpt: Path, model: dict) -> None:
+    """Resuming needs the same architecture, field by field (shapes alone can match while the
+    meaning differs, e.g. num_heads 4 -> 2 at one hidden size)."""
+    saved = checkpoint_model(ckpt)
+    if saved is None:
+        return
+    diff = [
+        f"model.{k}: {saved[k]!r} in the checkpoint, {model.get(k)!r} now"
+        for k in sorted(saved)
+        if k not in RUNTIME_ONLY and saved[k] != model.get(k)
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{ckpt} was trained with another model config ({'; '.join(diff)}); resume it with "
+            "its own config or start a new run"
+        )
