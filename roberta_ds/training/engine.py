@@ -38,6 +38,7 @@ from roberta_ds.training.distributed import (
     init_distributed,
     rank0_does,
 )
+from roberta_ds.training.loggers import build_loggers
 from roberta_ds.training.metrics import MetricsLog, peak_flops
 from roberta_ds.training.optim import build_optimizer, lr_lambda
 from roberta_ds.training.preemption import (
@@ -109,7 +110,10 @@ class Trainer:
             (self.run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
             copy_tokenizer(self.data_dir, self.run_dir)
         self.metrics = MetricsLog(
-            self.run_dir / "metrics.jsonl", enabled=self.rank == 0, resume_step=self.step
+            self.run_dir / "metrics.jsonl",
+            enabled=self.rank == 0,
+            resume_step=self.step,
+            loggers=build_loggers(self.run_dir, cfg.to_dict(), self.step) if self.rank == 0 else (),
         )
         self.peak = peak_flops(self.precision, t.peak_flops)
         self.flops_per_token = model.flops_per_token(self.seq_len, cfg.data.mlm_probability)
@@ -363,6 +367,7 @@ class Trainer:
                 self.save()
                 if self.rank == 0:  # read by slurm/common.sh: requeue even if srun reports a kill
                     (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
+                self.metrics.close()
                 return EXIT_PREEMPTED
             torch.manual_seed(dropout_seed(t.seed, self.step, self.rank))
             lr = self.sched.get_last_lr()[0]  # this step's; the scheduler moves on inside engine.step()
@@ -459,6 +464,7 @@ class Trainer:
             "valid_accuracy": (sums[2] / sums[1].clamp(min=1)).item(),
         }
         self.metrics.write(res)
+        self.metrics.plot()
         self._log(
             f"validation at step {self.step}: loss {loss:.4f}, ppl {res['valid_ppl']:.2f}, "
             f"accuracy {res['valid_accuracy']:.4f}"

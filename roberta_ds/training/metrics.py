@@ -1,8 +1,10 @@
-"""Throughput and MFU, and the run's metrics.jsonl (one JSON object per optimizer step)."""
+"""Throughput and MFU, and the run's metrics.jsonl (one JSON object per optimizer step), which
+also feeds the loggers (TensorBoard, W&B) and the PNG plot of training/loggers.py."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -35,10 +37,12 @@ def peak_flops(precision: str, override: float | None = None) -> float | None:
 
 class MetricsLog:
     """Appends rows; on opening, drops the rows past `resume_step` (logged after the checkpoint
-    that the run resumes from, and logged again now), so that every step appears once."""
+    that the run resumes from, and logged again now), so that every step appears once. Each row
+    also goes to `loggers` (objects with log/flush/close, see training/loggers.py)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0, loggers: tuple = ()):
         self.path, self.enabled = path, enabled
+        self.loggers = list(loggers) if enabled else []
         self._f = None
         if not enabled:
             return
@@ -60,7 +64,29 @@ class MetricsLog:
         if self._f:
             self._f.write(json.dumps(row) + "\n")
             self._f.flush()
+        for lg in self.loggers:
+            lg.log(row)
+
+    def plot(self) -> None:
+        """Redraw <run_dir>/metrics.png and flush the loggers (at each evaluation and at the end);
+        a plotting failure is logged, never fatal to training."""
+        if not self._f:
+            return
+        for lg in self.loggers:
+            lg.flush()
+        from roberta_ds.training.loggers import plot_metrics
+
+        try:
+            plot_metrics(self.path)
+        except Exception as e:
+            logging.getLogger(__name__).warning("could not draw %s: %s", self.path.with_suffix(".png"), e)
 
     def close(self) -> None:
+        """Final plot, then close the loggers; safe to call twice."""
+        self.plot()
+        for lg in self.loggers:
+            lg.close()
+        self.loggers = []
         if self._f:
             self._f.close()
+            self._f = None

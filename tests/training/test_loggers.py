@@ -1,0 +1,80 @@
+"""metrics.jsonl rows reach TensorBoard (train/ and valid/ scalars, readable by tensorboard's
+EventAccumulator), the PNG is drawn, and a resumed run's TensorBoard hides the replayed steps."""
+
+import json
+
+from roberta_ds.training.loggers import PLOT_NAME, TENSORBOARD_DIR, build_loggers, scalars
+from roberta_ds.training.metrics import MetricsLog
+
+
+def _train_row(step):
+    return {
+        "step": step,
+        "loss": 8.0 - 0.1 * step,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "tokens_per_s": 1000.0 + step,
+        "mfu": None,
+        "tokens": 128 * step,
+        "samples": step,
+        "skipped_steps": 0,
+    }
+
+
+def _valid_row(step):
+    return {"step": step, "valid_loss": 7.0, "valid_ppl": 1096.6, "valid_accuracy": 0.01 * step}
+
+
+def _events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / TENSORBOARD_DIR))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _log(run_dir, steps, resume_step=0):
+    log = MetricsLog(
+        run_dir / "metrics.jsonl",
+        enabled=True,
+        resume_step=resume_step,
+        loggers=build_loggers(run_dir, {"train": {"lr": 1e-3}}, resume_step),
+    )
+    for step in steps:
+        log.write(_train_row(step))
+        if step % 5 == 0:
+            log.write(_valid_row(step))
+            log.plot()
+    log.close()
+
+
+def test_scalars_split_train_and_valid_rows():
+    assert scalars(_valid_row(5)) == {
+        "valid/valid_loss": 7.0,
+        "valid/valid_ppl": 1096.6,
+        "valid/valid_accuracy": 0.05,
+    }
+    s = scalars(_train_row(3))
+    assert "train/mfu" not in s and "train/step" not in s  # None and the x axis are not scalars
+    assert s["train/loss"] == 8.0 - 0.3
+
+
+def test_tensorboard_events_and_png_hold_the_metrics(tmp_path):
+    _log(tmp_path, range(1, 11))
+    ev = _events(tmp_path)
+    assert [s for s, _ in ev["train/loss"]] == list(range(1, 11))
+    assert abs(ev["train/loss"][-1][1] - 7.0) < 1e-6
+    assert [s for s, _ in ev["valid/valid_accuracy"]] == [5, 10]
+    for tag in ("train/lr", "train/tokens_per_s", "train/grad_norm", "valid/valid_loss"):
+        assert tag in ev
+    png = tmp_path / PLOT_NAME
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert set(rows[0]) == set(_train_row(1))  # metrics.jsonl keys unchanged
+
+
+def test_resume_hides_replayed_steps_in_tensorboard(tmp_path):
+    _log(tmp_path, range(1, 11))
+    _log(tmp_path, range(6, 13), resume_step=5)  # killed after step 10, resumed from step 5's checkpoint
+    steps = [s for s, _ in _events(tmp_path)["train/loss"]]
+    assert steps == list(range(1, 13))
