@@ -1,6 +1,7 @@
 """roberta-ds fused Triton kernels, each with a pure-PyTorch reference (`*_ref`) beside it:
 
-- attention(q, k, v, key_padding_mask=None, softmax_scale=None, segment_ids=None, dropout_p=0.0)
+- attention(q, k, v, key_padding_mask=None, softmax_scale=None, segment_ids=None, dropout_p=0.0), and
+  attention_qkvpacked(qkv, ...) on a packed (B, S, 3, H, D) projection (its gradient comes back packed)
 - layer_norm(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0): LayerNorm(dropout(x) + residual)
 - bias_gelu(x, bias): gelu(x + bias), exact erf GELU
 - cross_entropy(logits, labels, ignore_index=-100): mean over non-ignored rows, 0 if none
@@ -11,7 +12,7 @@ Kernels run on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (set before impo
 """
 
 from kernels._utils import tracing
-from kernels.attention import attention, attention_ref
+from kernels.attention import attention, attention_qkvpacked, attention_qkvpacked_ref, attention_ref
 from kernels.bias_gelu import bias_gelu, bias_gelu_ref
 from kernels.cross_entropy import cross_entropy, cross_entropy_ref
 from kernels.layer_norm import layer_norm, layer_norm_ref
@@ -19,6 +20,8 @@ from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entr
 
 __all__ = [
     "attention",
+    "attention_qkvpacked",
+    "attention_qkvpacked_ref",
     "attention_ref",
     "bias_gelu",
     "bias_gelu_ref",

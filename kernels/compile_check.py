@@ -71,61 +71,26 @@ ATTN_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def attention_sm90(head_dim, dtype):
-    strides = dict.fromkeys(
-        [
-            "stride_qb",
-            "stride_qs",
-            "stride_qh",
-            "stride_kb",
-            "stride_ks",
-            "stride_kh",
-            "stride_vb",
-            "stride_vs",
-            "stride_vh",
-            "stride_mb",
-            "stride_gb",
-            "H",
-            "S",
-        ],
-        7,
-    )
+    ints = [f"stride_{t}{d}" for t in ("q", "k", "v", "do", "grad") for d in ("b", "s", "h")]
+    scalars = {
+        **dict.fromkeys([*ints, "stride_mb", "stride_gb", "H", "S"], 7),
+        **dict(qk_scale=0.1, sm_scale=0.1, drop_scale=1.1, drop_threshold=26, seed=3),
+    }
     flags = dict(HAS_KPM=True, HAS_SEG=True, HAS_DROPOUT=True, IEEE=dtype == torch.float32, HEAD_DIM=head_dim)
-    fwd_cfg = A._config(head_dim, backward=False, dtype=dtype)
-    bwd_cfg = A._config(head_dim, backward=True, dtype=dtype)
-    launch = lambda cfg: {k: v for k, v in cfg.items() if k.startswith("BLOCK")}  # noqa: E731
-    compile_sm90(
-        A._attn_fwd_kernel,
-        {
-            **ptrs(["Q_ptr", "K_ptr", "V_ptr", "O_ptr"], dtype),
-            "LSE_ptr": torch.float32,
-            "KPM_ptr": torch.int8,
-            "SEG_ptr": torch.int32,
-            **strides,
-            "qk_scale": 0.1,
-            "p_drop": 0.1,
-            "seed": 3,
-            **flags,
-            **launch(fwd_cfg),
-        },
-        fwd_cfg["num_warps"],
-        fwd_cfg["num_stages"],
-    )
-    common = {
-        **ptrs(["Q_ptr", "K_ptr", "V_ptr", "DO_ptr", "DK_ptr", "DV_ptr", "DQ_ptr"], dtype),
-        "LSE_ptr": torch.float32,
-        "Delta_ptr": torch.float32,
+    pointers = {
+        **ptrs(["Q_ptr", "K_ptr", "V_ptr", "O_ptr", "DO_ptr", "DQ_ptr", "DK_ptr", "DV_ptr"], dtype),
+        **ptrs(["LSE_ptr", "Delta_ptr"], torch.float32),
         "KPM_ptr": torch.int8,
         "SEG_ptr": torch.int32,
-        **strides,
-        "qk_scale": 0.1,
-        "sm_scale": 0.1,
-        "p_drop": 0.1,
-        "seed": 3,
-        **flags,
-        **launch(bwd_cfg),
     }
-    compile_sm90(A._attn_bwd_dkdv_kernel, common, bwd_cfg["num_warps"], bwd_cfg["num_stages"])
-    compile_sm90(A._attn_bwd_dq_kernel, common, bwd_cfg["num_warps"], bwd_cfg["num_stages"])
+    for kernel, fn in (
+        ("fwd", A._attn_fwd_kernel),
+        ("dq", A._attn_bwd_dq_kernel),
+        ("dkdv", A._attn_bwd_dkdv_kernel),
+    ):
+        cfg = A._config(kernel, head_dim, dropout=True)
+        blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+        compile_sm90(fn, {**pointers, **scalars, **flags, **blocks}, cfg["num_warps"], cfg["num_stages"])
 
 
 def layer_norm_sm90(N, dtype):
@@ -136,15 +101,18 @@ def layer_norm_sm90(N, dtype):
             **ptrs(["X_ptr", "R_ptr", "Y_ptr", "H_ptr"], dtype),
             **ptrs(["W_ptr", "B_ptr"], dtype),
             **ptrs(["Mean_ptr", "Rstd_ptr"], torch.float32),
+            "M": 16384,
             "N": N,
             "stride_x_row": N,
             "stride_r_row": N,
             "eps": 1e-5,
             "p": 0.1,
+            "threshold": L._threshold(0.1),
             "seed": 1,
             "HAS_RESIDUAL": True,
             "HAS_DROPOUT": True,
             "STORE_H": True,
+            "ROWS": 1,
             "BLOCK_N": block,
         },
         L._warps(block),
@@ -158,6 +126,7 @@ def layer_norm_sm90(N, dtype):
             "N": N,
             "rows_per_program": 31,
             "p": 0.1,
+            "threshold": L._threshold(0.1),
             "seed": 1,
             "HAS_DROPOUT": True,
             "BLOCK_N": block,
@@ -192,36 +161,46 @@ def pointwise_sm90():
         },
         4,
     )
-    bv = C._block_v(50265)
+    LCE = importlib.import_module("kernels.linear_cross_entropy")
+    vp = 50304  # the fused head's padded row stride (V = 50265 rounded up to 64)
+    for stats, grad, bias, v_load in ((True, True, dt, vp), (True, False, None, 50265), (False, True, None, 50265)):
+        compile_sm90(
+            C._ce_kernel,
+            {
+                "Logits_ptr": dt,
+                "Bias_ptr": bias,
+                "Labels_ptr": torch.int64,
+                **ptrs(["Loss_ptr", "LSE_ptr"], torch.float32),
+                "Hit_ptr": torch.int32,
+                "DLogits_ptr": dt,
+                "Scale_ptr": None if stats else torch.float32,
+                "Ok_ptr": torch.int32,
+                "scale": 1.0,
+                "V": 50265,
+                "V_load": v_load,
+                "stride_row": v_load,
+                "stride_drow": v_load,
+                "ignore_index": -100,
+                "HAS_BIAS": bias is not None,
+                "STATS": stats,
+                "GRAD": grad,
+                "BLOCK_V": C._block_v(v_load),
+            },
+            8,
+        )
     compile_sm90(
-        C._ce_fwd_kernel,
+        LCE._scale_cast_kernel,
         {
-            "Logits_ptr": dt,
-            "Labels_ptr": torch.int64,
-            "Loss_ptr": torch.float32,
-            "LSE_ptr": torch.float32,
-            "V": 50265,
-            "stride_row": 50265,
-            "ignore_index": -100,
-            "BLOCK_V": bv,
-        },
-        8,
-    )
-    compile_sm90(
-        C._ce_bwd_kernel,
-        {
-            "Logits_ptr": dt,
-            "Labels_ptr": torch.int64,
-            "LSE_ptr": torch.float32,
-            "DLogits_ptr": dt,
+            "X_ptr": dt,
+            "Y_ptr": dt,
             "Scale_ptr": torch.float32,
-            "V": 50265,
-            "stride_row": 50265,
-            "stride_drow": 50265,
-            "ignore_index": -100,
-            "BLOCK_V": bv,
+            "M": 50265,
+            "N": 768,
+            "stride_x_row": 776,
+            "BLOCK_M": 4,
+            "BLOCK_N": 1024,
         },
-        8,
+        4,
     )
 
 
@@ -241,7 +220,7 @@ def main() -> int:
         for dtype in (torch.bfloat16, torch.float16):
             print(f"layer_norm N {n} {dtype}")
             layer_norm_sm90(n, dtype)
-    print("bias_gelu, cross_entropy bf16")
+    print("bias_gelu, cross_entropy, linear_cross_entropy bf16")
     pointwise_sm90()
     print("compile_check: all kernels compiled for sm_90")
     return 0

@@ -40,9 +40,9 @@ class EncoderLayer(nn.Module):
         p_attn = self.cfg.attention_dropout if self.training else 0.0
 
         qkv_BS3HK = self.qkv(x_BSD).view(B, S, 3, H, D // H)
-        q, k, v = qkv_BS3HK.unbind(dim=2)  # each (B, S, H, K), strided views of one buffer
+        # packed: the Triton backward writes dq, dk, dv straight into one (B, S, 3, H, K) gradient
         a_BSHK = ops.attention(
-            q, k, v, key_padding_mask=key_padding_mask_BS, segment_ids=segment_ids_BS, dropout_p=p_attn
+            qkv_BS3HK, key_padding_mask=key_padding_mask_BS, segment_ids=segment_ids_BS, dropout_p=p_attn
         )
         o_BSD = self.attn_out(a_BSHK.reshape(B, S, D))
         h_BSD = ops.layer_norm(

@@ -19,7 +19,8 @@ import kernels
 @dataclass(frozen=True)
 class Ops:
     backend: str
-    attention: Callable  # (q, k, v, key_padding_mask, softmax_scale, segment_ids, dropout_p) -> out
+    # (qkv (B, S, 3, H, D), key_padding_mask, softmax_scale, segment_ids, dropout_p) -> (B, S, H, D)
+    attention: Callable
     layer_norm: Callable  # (x, weight, bias, eps, residual, dropout_p) -> LayerNorm(dropout(x) + residual)
     bias_gelu: Callable  # (x, bias) -> gelu(x + bias)
     # (h, decoder weight, decoder bias, labels) -> (mean loss over labelled rows, rows predicted right);
@@ -47,7 +48,7 @@ def resolve_ops(backend: str, device: torch.device) -> Ops:
     if backend == "torch":
         return Ops(
             "torch",
-            attention=kernels.attention_ref,
+            attention=kernels.attention_qkvpacked_ref,
             layer_norm=_layer_norm_ref_training,
             bias_gelu=kernels.bias_gelu_ref,
             linear_cross_entropy=kernels.linear_cross_entropy_ref,
@@ -58,7 +59,7 @@ def resolve_ops(backend: str, device: torch.device) -> Ops:
             raise RuntimeError(why)
         return Ops(
             "triton",
-            attention=kernels.attention,
+            attention=kernels.attention_qkvpacked,
             layer_norm=kernels.layer_norm,
             bias_gelu=kernels.bias_gelu,
             linear_cross_entropy=kernels.linear_cross_entropy,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import attention, attention_ref
-from kernels.attention import attention_dropout_keep
+from kernels.attention import attention_dropout_keep, attention_dropout_rate, attention_qkvpacked
 from tests.kernels.conftest import ATOL, DEVICE, DTYPES, check_close
 
 CASES = [  # (B, S, H, D, lengths): ragged lengths, a row with one real token, S not a block multiple
@@ -10,6 +10,7 @@ CASES = [  # (B, S, H, D, lengths): ragged lengths, a row with one real token, S
     (1, 128, 2, 64, None),
     (2, 200, 2, 128, [200, 131]),
     (2, 33, 3, 32, [20, 33]),
+    (2, 160, 2, 64, [160, 128]),  # a padding boundary on a key block boundary: unmasked loop, no tail
 ]
 
 
@@ -22,23 +23,34 @@ def padding_mask(B, S, lengths):
     return m
 
 
+def packed_segments(B, S, starts):
+    """(B, S) document ids: row b's documents begin at starts[b] (ids 0, 1, 2, ...)."""
+    seg = torch.zeros(B, S, dtype=torch.long, device=DEVICE)
+    for b, row in enumerate(starts):
+        for s0 in row:
+            seg[b, s0:] += 1
+    return seg
+
+
 def run_all(B, S, H, D, dtype, kpm=None, seg=None, dropout_p=0.0, seed=0, packed=True):
+    """Kernel, torch at the same dtype and the fp64 reference on one input; the kernel through
+    attention_qkvpacked (packed=True, as the model calls it) or attention on contiguous q, k, v.
+    The references use the kernels' own dropout mask (attention_dropout_keep) and rate."""
     qkv64 = torch.randn(B, S, 3, H, D, dtype=torch.float64, device=DEVICE)
     do64 = torch.randn(B, S, H, D, dtype=torch.float64, device=DEVICE)
     keep = attention_dropout_keep(seed, B, H, S, dropout_p, DEVICE) if dropout_p > 0 else None
+    masks = dict(key_padding_mask=kpm, segment_ids=seg)
     out = {}
     for name, dt in (("kernel", dtype), ("torch", dtype), ("ref", torch.float64)):
         qkv = qkv64.to(dt).requires_grad_()
-        if packed:  # strided views of one packed (B, S, 3, H, D) projection, as the model does
-            q, k, v = qkv.unbind(2)
-        else:
+        if name == "kernel" and packed:
+            o = attention_qkvpacked(qkv, **masks, dropout_p=dropout_p, dropout_seed=seed)
+        elif name == "kernel":
             q, k, v = (t.contiguous() for t in qkv.unbind(2))
-        if name == "kernel":
-            o = attention(
-                q, k, v, key_padding_mask=kpm, segment_ids=seg, dropout_p=dropout_p, dropout_seed=seed
-            )
+            o = attention(q, k, v, **masks, dropout_p=dropout_p, dropout_seed=seed)
         else:
-            o = attention_ref(q, k, v, key_padding_mask=kpm, segment_ids=seg, dropout_p=dropout_p, keep=keep)
+            p = attention_dropout_rate(dropout_p)
+            o = attention_ref(*qkv.unbind(2), **masks, dropout_p=p, keep=keep)
         o.backward(do64.to(dt))
         out[name] = (o, qkv.grad)
     return out
@@ -68,12 +80,19 @@ def test_contiguous_inputs_and_explicit_scale():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_general_padding_masks(dtype):
+    """Left padding and holes: no run of real keys from 0, so every key block takes the masked loop."""
+    B, S = 2, 150
+    kpm = padding_mask(B, S, [150, 150])
+    kpm[0, :37] = False  # left padding
+    kpm[1, 5] = kpm[1, 70:90] = False  # holes
+    compare(run_all(B, S, 2, 64, dtype, kpm=kpm), dtype, S)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_document_mask_for_packed_sequences(dtype):
     B, S = 2, 96
-    seg = torch.zeros(B, S, dtype=torch.long, device=DEVICE)
-    seg[0, 30:] = 1
-    seg[0, 70:] = 2
-    seg[1, 50:] = 1
+    seg = packed_segments(B, S, [[30, 70], [50]])
     kpm = padding_mask(B, S, [96, 90])
     out = run_all(B, S, 2, 64, dtype, kpm=kpm, seg=seg)
     compare(out, dtype, S)
@@ -86,13 +105,65 @@ def test_document_mask_for_packed_sequences(dtype):
     assert torch.equal(attention(q, k2, v, segment_ids=s1)[:, 30:], base[:, 30:])
 
 
+def test_document_mask_block_skipping_equals_dense_path():
+    """Many short documents: most key blocks are skipped. Equal (to rounding) to the same attention
+    written as a dense key padding mask per document, run one document at a time."""
+    B, S, H, D = 1, 256, 2, 32
+    starts = [3, 40, 41, 100, 130, 190, 250]
+    seg = packed_segments(B, S, [starts])
+    q, k, v = (torch.randn(B, S, H, D, device=DEVICE) for _ in range(3))
+    o = attention(q, k, v, segment_ids=seg)
+    for d in range(len(starts) + 1):
+        own = seg == d
+        dense = attention(q, k, v, key_padding_mask=own)
+        assert torch.allclose(o[own], dense[own], atol=1e-6), d
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dropout_matches_reference_with_the_same_mask(dtype):
+@pytest.mark.parametrize("with_segments", [False, True], ids=["padding", "documents"])
+def test_dropout_matches_reference_with_the_same_mask(dtype, with_segments):
+    """The backward regenerates the forward's mask: every gradient matches the reference run with
+    the mask attention_dropout_keep materialises."""
     B, S, H = 2, 70, 2
-    out = run_all(B, S, H, 64, dtype, kpm=padding_mask(B, S, [70, 40]), dropout_p=0.2, seed=99)
+    seg = packed_segments(B, S, [[25], [10, 30]]) if with_segments else None
+    out = run_all(B, S, H, 64, dtype, kpm=padding_mask(B, S, [70, 40]), seg=seg, dropout_p=0.2, seed=99)
     compare(out, dtype, S)
-    keep = attention_dropout_keep(99, B, H, S, 0.2, DEVICE)
-    assert 0.77 < keep.float().mean().item() < 0.83
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_keep_rate_and_mask_purity(p):
+    B, H, S = 2, 2, 256
+    keep = attention_dropout_keep(1234, B, H, S, p, DEVICE)
+    assert abs(keep.float().mean().item() - (1 - p)) <= 0.01
+    assert abs(attention_dropout_rate(p) - p) <= 1 / 512
+    # a pure function of (seed, b*H + h, query, key): drawn again, the same bits; another seed, others.
+    # (That the kernels' other tile shapes draw these same bits is what the dropout gradient test checks.)
+    assert torch.equal(attention_dropout_keep(1234, B, H, S, p, DEVICE), keep)
+    assert (attention_dropout_keep(1235, B, H, S, p, DEVICE) != keep).float().mean() > 0.1
+
+
+def test_dropout_is_reproducible_and_fresh_per_seed():
+    qkv = torch.randn(2, 64, 3, 2, 32, device=DEVICE)
+    a = attention_qkvpacked(qkv, dropout_p=0.1, dropout_seed=5)
+    assert torch.equal(a, attention_qkvpacked(qkv, dropout_p=0.1, dropout_seed=5))
+    assert not torch.equal(a, attention_qkvpacked(qkv, dropout_p=0.1, dropout_seed=6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_gradient_equals_unpacked(dtype):
+    """attention_qkvpacked writes dq, dk, dv straight into one (B, S, 3, H, D) gradient: the same
+    numbers as attention on separate contiguous q, k, v."""
+    B, S, H, D = 2, 50, 2, 32
+    kpm, seg = padding_mask(B, S, [50, 31]), packed_segments(B, S, [[20], []])
+    qkv = torch.randn(B, S, 3, H, D, device=DEVICE, dtype=dtype)
+    do = torch.randn(B, S, H, D, device=DEVICE, dtype=dtype)
+    packed = qkv.clone().requires_grad_()
+    attention_qkvpacked(packed, kpm, segment_ids=seg, dropout_p=0.1, dropout_seed=3).backward(do)
+    parts = [t.contiguous().requires_grad_() for t in qkv.unbind(2)]
+    attention(*parts, kpm, segment_ids=seg, dropout_p=0.1, dropout_seed=3).backward(do)
+    assert packed.grad.shape == (B, S, 3, H, D)
+    for i, t in enumerate(parts):
+        assert torch.equal(packed.grad[:, :, i], t.grad)
 
 
 def test_sequence_without_real_tokens_stays_finite():
@@ -110,3 +181,5 @@ def test_unsupported_head_dim_is_a_clear_error():
     q = torch.randn(1, 8, 2, 48, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim 48 is not supported"):
         attention(q, q, q)
+    with pytest.raises(ValueError, match="qkv must be"):
+        attention_qkvpacked(q)
