@@ -3,8 +3,8 @@
 Per launch:  time = max(tensor-core FLOPs / TC_PEAK, DRAM bytes / HBM_BW, L2 bytes / L2_BW,
                         warp-instructions issued / ISSUE_RATE) / wave_efficiency + LAUNCH_S
 - Triton kernels (from their sm_90 SASS, kernels.sass): FLOPs and warp-instructions are the static
-  counts outside the main loop plus the main loop's counts x its trip count (MAIN_LOOP_TRIPS below,
-  from the launch's arguments), x warps x CTAs. DRAM bytes are the sizes of the kernel's tensor
+  counts outside every loop plus the main loop's counts x its trip count (MAIN_LOOP_TRIPS below,
+  from the launch's arguments), x warps x CTAs; other loops (masked tails) are taken as not run. DRAM bytes are the sizes of the kernel's tensor
   arguments (each read or written once: what the interface needs; re-reads are assumed to hit L2);
   L2 bytes are the global loads/stores the SASS issues. wave_efficiency = (CTAs / SMs) / ceil(CTAs / SMs).
 - cuBLAS GEMMs (aten mm/addmm/bmm): 2*M*N*K FLOPs at the measured GEMM rate; bytes = operands.
@@ -72,6 +72,8 @@ MAIN_LOOP_TRIPS = {
     "_attn_bwd_dkdv_kernel": lambda a: _cdiv(a["S"], a["BLOCK_M"]),
     "_attn_bwd_dq_kernel": lambda a: _cdiv(a["S"], a["BLOCK_N"]),
     "_ln_bwd_kernel": lambda a: a.get("rows_per_program", 1),
+    "_ce_fwd_kernel": lambda a: _cdiv(a["V"], a["BLOCK_V"]),
+    "_ce_bwd_kernel": lambda a: _cdiv(a["V"], a["BLOCK_V"]),
 }
 
 
@@ -101,14 +103,14 @@ def _roof(terms: dict, efficiency: float = 1.0) -> tuple[float, str]:
 
 def triton_cost(launch: TritonLaunch, binary: KernelBinary) -> Cost:
     trips = int(MAIN_LOOP_TRIPS.get(launch.name, lambda a: 1)(launch.args))
-    loop = binary.loop_sass
-    outside = len(binary.sass) - len(loop)
+    loop, straight = binary.loop_sass, binary.straight_sass
     warps = launch.ctas * binary.num_warps
-    instructions = warps * (outside + len(loop) * trips)
-    loop_flops, all_flops = binary.mma_flops(loop), binary.mma_flops(binary.sass)
-    flops = warps * (all_flops - loop_flops + loop_flops * trips)
-    loop_bytes, all_bytes = binary.global_bytes(loop), binary.global_bytes(binary.sass)
-    l2_bytes = warps * (all_bytes - loop_bytes + loop_bytes * trips)
+    instructions = warps * (len(straight) + len(loop) * trips)
+    flops = warps * (binary.mma_flops(straight) + binary.mma_flops(loop) * trips)
+    # cp.async outside the loop is the software pipeline's prologue: loads of the loop's own first
+    # iterations (whose in-loop copies are predicated off), so it is not counted twice
+    prologue_free = [s for s in straight if "LDGSTS" not in s]
+    l2_bytes = warps * (binary.global_bytes(prologue_free) + binary.global_bytes(loop) * trips)
     dram = _tensor_bytes(launch.args)
     efficiency = (launch.ctas / SMS) / _cdiv(launch.ctas, SMS)
     terms = {

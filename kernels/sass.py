@@ -2,9 +2,13 @@
 
 Everything comes from the cubin through the `cuobjdump` that Triton ships (`-res-usage` for
 registers, stack and shared memory; `-sass` for the instructions), so it needs no GPU.
-- Loops are backward branches (`BRA` to a lower address); the *main loop* is the largest loop that
-  contains no other loop (Triton's software-pipelined K/V or row loop). Its size is the count of
-  SASS instructions from the branch target to the branch, i.e. issued per iteration per warp.
+- Loops are backward branches (`BRA` to a lower address). The *main loop* is, among the loops that
+  contain no other loop, the one with the most tensor-core instructions, the first in program order
+  of equals (an unmasked main loop before its masked tail), or without MMA the largest (a row loop).
+  Its size is the count of SASS instructions from the branch target to the branch, i.e. issued per
+  iteration per warp.
+  Loops other than the main loop (a masked tail, a mask-row scan) are taken as not run: the report
+  models full packed blocks, where an attention kernel's masked tail has no block left to do.
 - Spill bytes are the static widths of local-memory stores and loads (`STL`/`LDL`), which is what
   `ptxas -v` reports as spill stores/loads.
 - Tensor cores: `HGMMA` (Hopper warpgroup MMA, `wgmma`), `HMMA` (`mma.sync`); TMA: `UTMALDG`/`UTMASTG`.
@@ -59,6 +63,7 @@ class KernelBinary:
     spill_load_bytes: int
     sass: list[str]  # one instruction per entry, predicates included
     main_loop: Loop | None
+    loops: list[Loop]  # every loop that contains no other loop, the main loop included
 
     @property
     def spill_bytes(self) -> int:
@@ -71,6 +76,12 @@ class KernelBinary:
     @property
     def loop_sass(self) -> list[str]:
         return self.sass[self.main_loop.start : self.main_loop.end + 1] if self.main_loop else []
+
+    @property
+    def straight_sass(self) -> list[str]:
+        """Instructions outside every innermost loop (run once per warp)."""
+        inside = {i for lp in self.loops for i in range(lp.start, lp.end + 1)}
+        return [s for i, s in enumerate(self.sass) if i not in inside]
 
     @property
     def loop_instructions(self) -> int:
@@ -111,7 +122,7 @@ class KernelBinary:
         total = 0
         for s in lines:
             op = s.split()[0] if not s.startswith("@") else s.split()[1]
-            if op.startswith(("LDG", "STG", "LDGSTS", "RED", "ATOM")):
+            if op.startswith(("LDG", "STG", "RED", "ATOM")) and not op.startswith("LDGDEPBAR"):
                 m = _WIDTH.search(op)
                 total += 32 * (int(m[1]) // 8 if m else 4)
         return total
@@ -134,7 +145,7 @@ def _local_bytes(lines: list[str], op: str) -> int:
     return total
 
 
-def _main_loop(addrs: list[int], sass: list[str]) -> Loop | None:
+def _innermost_loops(addrs: list[int], sass: list[str]) -> list[Loop]:
     index = {a: i for i, a in enumerate(addrs)}
     loops = []
     for i, s in enumerate(sass):
@@ -144,7 +155,17 @@ def _main_loop(addrs: list[int], sass: list[str]) -> Loop | None:
     innermost = [
         lp for lp in loops if not any(o is not lp and lp.start <= o.start and o.end <= lp.end for o in loops)
     ]
-    return max(innermost, key=lambda lp: lp.size, default=None)
+    return innermost
+
+
+def _main_loop(sass: list[str], innermost: list[Loop]) -> Loop | None:
+    def rank(lp: Loop) -> tuple:
+        # the loop with the most tensor-core instructions, the first of equals (an unmasked main loop
+        # comes before its masked tail); without MMA, the largest loop
+        mma = sum(1 for s in sass[lp.start : lp.end + 1] if "HGMMA." in s or "HMMA." in s)
+        return (mma, -lp.start) if mma else (0, lp.size)
+
+    return max(innermost, key=rank, default=None)
 
 
 @functools.cache
@@ -168,6 +189,7 @@ def inspect_kernel(kernel, name: str) -> KernelBinary:
         if lm := _LINE.match(line):
             addrs.append(int(lm[1], 16))
             sass.append(lm[2])
+    loops = _innermost_loops(addrs, sass)
     return KernelBinary(
         name=name,
         num_warps=kernel.metadata.num_warps,
@@ -177,5 +199,6 @@ def inspect_kernel(kernel, name: str) -> KernelBinary:
         spill_store_bytes=_local_bytes(sass, "STL"),
         spill_load_bytes=_local_bytes(sass, "LDL"),
         sass=sass,
-        main_loop=_main_loop(addrs, sass),
+        main_loop=_main_loop(sass, loops),
+        loops=loops,
     )

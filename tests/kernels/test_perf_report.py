@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.sass import KernelBinary, _local_bytes, _main_loop
+from kernels.sass import KernelBinary, _innermost_loops, _local_bytes, _main_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,10 +38,12 @@ def test_sass_loops_spills_and_mma_are_read_from_the_listing():
         (0xA0, "BRA 0xa0"),  # the trailing self-branch is no loop
     ]
     addrs, sass = [a for a, _ in listing], [s for _, s in listing]
-    loop = _main_loop(addrs, sass)
-    assert (loop.start, loop.end, loop.size) == (3, 6, 4)
+    loops = _innermost_loops(addrs, sass)
+    loop = _main_loop(sass, loops)
+    assert loops == [loop] and (loop.start, loop.end, loop.size) == (3, 6, 4)
     assert _local_bytes(sass, "STL") == 8 and _local_bytes(sass, "LDL") == 4
-    b = KernelBinary("k", 4, 128, 0, 1024, 8, 4, sass, loop)
+    b = KernelBinary("k", 4, 128, 0, 1024, 8, 4, sass, loop, loops)
+    assert len(b.straight_sass) == len(sass) - 4
     assert (b.wgmma, b.mma_sync, b.loop_instructions) == (1, 1, 4)
     # one warp: a quarter of a 64x64x16 warpgroup MMA; a whole 16x8x16 MMA
     assert b.mma_flops(b.loop_sass) == 2 * 16 * 8 * 16
