@@ -100,9 +100,10 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 class DataConfig:
     """Where the packed token shards come from (see roberta_ds/data/prepare.py)."""
 
-    # A dataset folder written by `python -m roberta_ds.prepare`, or 'builtin' for the built-in
-    # corpus, prepared on first use into `cache_dir`.
-    dataset: str = "builtin"
+    # A dataset folder written by `python -m roberta_ds.prepare`, 'builtin' for the built-in corpus
+    # (prepared on first use into `cache_dir`), or a mixture {folder: weight, ...} of prepared
+    # folders sharing one tokenizer and seq_len (weights are normalised; see data/mixture.py).
+    dataset: str | dict[str, float] = "builtin"
     cache_dir: str = "data_cache"
     # Only used when dataset == 'builtin': the tokenizer to use or 'train' for a new byte-level BPE.
     tokenizer: str = "train"
@@ -114,8 +115,26 @@ class DataConfig:
     # Stop attention at document boundaries inside a packed block (Triton kernel and reference both).
     document_mask: bool = False
     num_workers: int = 1
+    # Sequence-length warmup: [[first_step, seq_len], ...] from step 0, e.g. [[0, 128], [9000, 512]];
+    # shorter blocks are cut from the same token stream. null = the dataset's seq_len throughout.
+    seq_len_schedule: list[list[int]] | None = None
+
+    @property
+    def folders(self) -> list[Path]:
+        """The prepared folders read (not for 'builtin', whose folder is derived from the settings)."""
+        return [Path(f) for f in self.dataset] if isinstance(self.dataset, dict) else [Path(self.dataset)]
+
+    @property
+    def weights(self) -> list[float]:
+        """Each folder's share of the samples, summing to 1."""
+        if not isinstance(self.dataset, dict):
+            return [1.0]
+        total = sum(self.dataset.values())
+        return [w / total for w in self.dataset.values()]
 
     def __post_init__(self) -> None:
+        self._check_mixture()
+        self._check_schedule()
         for name in ("mlm_probability", "mask_replace_prob", "random_replace_prob"):
             _require(
                 0.0 <= getattr(self, name) <= 1.0, f"data.{name}={getattr(self, name)} must be in [0, 1]"
@@ -133,6 +152,44 @@ class DataConfig:
                 self.vocab_size >= MIN_BPE_VOCAB,
                 f"data.vocab_size={self.vocab_size} is too small for a byte-level BPE "
                 f"(256 bytes + 5 specials need at least {MIN_BPE_VOCAB})",
+            )
+
+    def _check_mixture(self) -> None:
+        if not isinstance(self.dataset, dict):
+            return
+        _require(
+            bool(self.dataset), "data.dataset: an empty mixture; give {folder: weight, ...} or one folder"
+        )
+        _require("builtin" not in self.dataset, "data.dataset: 'builtin' cannot be mixed; prepare it first")
+        for folder, w in self.dataset.items():
+            _require(w > 0, f"data.dataset.{folder}: weight {w} must be > 0")
+        for folder, share in zip(self.dataset, self.weights):
+            _require(
+                share >= 1e-4,  # data/mixture.py deals samples in periods of 10,000
+                f"data.dataset.{folder}: weight {share:.2g} of the total is below the 1e-4 resolution",
+            )
+
+    def _check_schedule(self) -> None:
+        sched = self.seq_len_schedule
+        if sched is None:
+            return
+        _require(bool(sched), "data.seq_len_schedule: empty; give [[0, seq_len], ...] or null")
+        for i, entry in enumerate(sched):
+            _require(
+                len(entry) == 2, f"data.seq_len_schedule[{i}]: expected [first_step, seq_len], got {entry}"
+            )
+            _require(entry[1] >= 8, f"data.seq_len_schedule[{i}]: seq_len {entry[1]} is below 8")
+        steps = [s for s, _ in sched]
+        _require(steps[0] == 0, f"data.seq_len_schedule: must start at step 0, not {steps[0]}")
+        _require(
+            all(a < b for a, b in zip(steps, steps[1:])),
+            f"data.seq_len_schedule: steps {steps} must increase",
+        )
+        if self.dataset == "builtin":
+            _require(
+                max(L for _, L in sched) <= self.seq_len,
+                f"data.seq_len_schedule: lengths {[L for _, L in sched]} must be at most data.seq_len="
+                f"{self.seq_len}",
             )
 
 
@@ -231,8 +288,25 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _check_value(value, arg, where)
             except ConfigError as e:
-                errors.append(str(e))
+                kind = typing.get_origin(arg) or arg
+                # the member of the value's own kind says most (a mapping's bad weight, not "not a string")
+                errors.insert(
+                    0 if isinstance(kind, type) and isinstance(value, kind) else len(errors), str(e)
+                )
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {
+            _check_value(k, key_tp, where): _check_value(v, value_tp, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -23,9 +23,10 @@ import yaml
 
 from roberta_ds.config import ConfigError, RunConfig
 from roberta_ds.data.corpus import builtin_dataset_dir, prepare_builtin
-from roberta_ds.data.dataset import DatasetError, PackedDataset, read_metadata
+from roberta_ds.data.dataset import DatasetError, read_metadata
 from roberta_ds.data.masking import MLMCollator
-from roberta_ds.data.sampler import GlobalOrderSampler
+from roberta_ds.data.mixture import check_compatible, open_train, open_valid
+from roberta_ds.data.sampler import GlobalOrderSampler, seq_len_at
 from roberta_ds.model import RobertaMLM, load_hf
 from roberta_ds.training import checkpoint, ds_config
 from roberta_ds.training.distributed import (
@@ -116,7 +117,8 @@ class Trainer:
             loggers=build_loggers(self.run_dir, cfg.to_dict(), self.step) if self.rank == 0 else (),
         )
         self.peak = peak_flops(self.precision, t.peak_flops)
-        self.flops_per_token = model.flops_per_token(self.seq_len, cfg.data.mlm_probability)
+        # by block length: MFU stays right across a data.seq_len_schedule switch
+        self.flops_per_token = functools.cache(lambda L: model.flops_per_token(L, cfg.data.mlm_probability))
 
     def _check_inputs(self, ds_config_path: str) -> dict:
         """Every check of the inputs that needs no process group; returns the engine's ds_config."""
@@ -127,7 +129,7 @@ class Trainer:
         world = expected_world_size()
         ds_cfg = ds_config.for_engine(ds_raw, world, self.run_dir)
         if self.cfg.data.dataset != "builtin":  # derives model.vocab_size and data.seq_len
-            self._check_dataset(Path(self.cfg.data.dataset), ds_cfg["train_batch_size"])
+            self._check_datasets(self.cfg.data.folders, ds_cfg["train_batch_size"])
         if expected_rank() == 0:  # held until the process exits; the OS releases it on any death
             self._lock = run_dir_lock(self.run_dir)
         check_run_dir(self.cfg, self.run_dir)
@@ -150,14 +152,17 @@ class Trainer:
         return ds_cfg
 
     def _build_data(self) -> None:
-        self.data_dir = self._dataset()
-        meta = self._check_dataset(self.data_dir, self.global_batch)
+        self.data_dir = self._dataset()  # the first dataset's: its tokenizer is the run's
+        folders = self.cfg.data.folders if self.cfg.data.dataset != "builtin" else [self.data_dir]
+        meta = self._check_datasets(folders, self.global_batch)
         if self.resume_from is not None:
             check_resume_model(self.resume_from, dataclasses.asdict(self.cfg.model))
-        self.seq_len = meta["seq_len"]
-        self.train_set = PackedDataset(self.data_dir, "train")
-        self.valid_set = PackedDataset(self.data_dir, "valid")
+        self.seq_len = meta["seq_len"]  # the prepared length; data.seq_len_schedule may serve shorter
         sp, d = meta["special_tokens"], self.cfg.data
+        self.train_set, self.order = open_train(
+            folders, d.weights, d.seq_len_schedule, self.global_batch, self.cfg.train.seed
+        )
+        self.valid_set = open_valid(folders)
 
         def collator(dataset, seed):
             return MLMCollator(
@@ -215,6 +220,13 @@ class Trainer:
         if (self.rank if rank is None else rank) == 0:
             log.info(msg)
 
+    def _check_datasets(self, folders: list[Path], global_batch: int) -> dict:
+        """Every dataset read (several in a mixture: one tokenizer, one seq_len); the first's metadata."""
+        meta = check_compatible(folders)
+        for folder in folders:
+            self._check_dataset(folder, global_batch)
+        return meta
+
     def _check_dataset(self, folder: Path, global_batch: int) -> dict:
         """The dataset owns vocab size and block length: derive them (a stated value must agree),
         and check that it can feed this run."""
@@ -233,6 +245,13 @@ class Trainer:
         if meta["seq_len"] > m.max_seq_len:
             raise ConfigError(
                 f"{folder} has seq_len={meta['seq_len']}, above the model's {m.max_seq_len} positions"
+            )
+        longest = max((L for _, L in d.seq_len_schedule or []), default=0)
+        if longest > meta["seq_len"]:
+            raise ConfigError(
+                f"data.seq_len_schedule asks for blocks of {longest} tokens but {folder} holds blocks of "
+                f"{meta['seq_len']}; shorter blocks are cut from prepared ones, longer ones need a new "
+                "prepare"
             )
         self.cfg.model = dataclasses.replace(m, vocab_size=meta["vocab_size"])
         self.cfg.data = dataclasses.replace(d, seq_len=meta["seq_len"])
@@ -254,7 +273,7 @@ class Trainer:
     def _dataset(self) -> Path:
         d = self.cfg.data
         if d.dataset != "builtin":
-            return Path(d.dataset)
+            return d.folders[0]
 
         def build():  # one rank prepares (once, cached); every rank learns whether it worked
             return prepare_builtin(
@@ -296,6 +315,7 @@ class Trainer:
             self.rank,
             self.cfg.train.seed,
             start=self.samples,
+            order=self.order,
         )
         return iter(
             torch.utils.data.DataLoader(
@@ -357,10 +377,11 @@ class Trainer:
         )
         self._log(
             f"training: world {self.world}, global batch {self.global_batch} = micro {self.micro_batch} x "
-            f"accumulation {self.accum} x {self.world} ranks, seq {self.seq_len}, {self.precision}, "
+            f"accumulation {self.accum} x {self.world} ranks, "
+            f"seq {self.cfg.data.seq_len_schedule or self.seq_len}, {self.precision}, "
             f"kernels {self.engine.module.ops.backend}"
         )
-        t_last, tokens_last = time.perf_counter(), 0
+        t_last, tokens_last, flops_last = time.perf_counter(), 0, 0.0
         while self.step < t.max_steps:
             if all_agree(stop.requested()):
                 self._log(f"stopping at step {self.step}: {stop.reason or 'another rank was asked to'}")
@@ -371,6 +392,7 @@ class Trainer:
                 return EXIT_PREEMPTED
             torch.manual_seed(dropout_seed(t.seed, self.step, self.rank))
             lr = self.sched.get_last_lr()[0]  # this step's; the scheduler moves on inside engine.step()
+            seq = seq_len_at(self.cfg.data.seq_len_schedule, self.step, self.seq_len)  # the sampler's too
             loss_sum = torch.zeros((), device=self.device)
             for _ in range(self.accum):
                 out = self.engine(**self._to_device(next(batches)))
@@ -381,14 +403,15 @@ class Trainer:
             loss = loss_sum.item() / (self.accum * self.world)
             self.step += 1
             self.samples += self.global_batch
-            self.tokens += self.global_batch * self.seq_len
-            tokens_last += self.global_batch * self.seq_len
+            self.tokens += self.global_batch * seq
+            tokens_last += self.global_batch * seq
+            flops_last += self.global_batch * seq * self.flops_per_token(seq)
             self.nonfinite = 0 if math.isfinite(loss) else self.nonfinite + 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.max_steps or self.nonfinite:
                 dt = time.perf_counter() - t_last
-                self._log_step(loss, lr, tokens_last / dt, bar)
-                t_last, tokens_last = time.perf_counter(), 0
+                self._log_step(loss, lr, tokens_last / dt, flops_last / dt, bar)
+                t_last, tokens_last, flops_last = time.perf_counter(), 0, 0.0
             if self.nonfinite >= t.max_nonfinite_steps:
                 # Saved aside for inspection: `latest` stays on the last good checkpoint and nothing
                 # is pruned, since the updates may not have been skipped (bf16 is not overflow-checked).
@@ -415,10 +438,10 @@ class Trainer:
         self.metrics.close()
         return 0
 
-    def _log_step(self, loss: float, lr: float, tokens_per_s: float, bar) -> None:
+    def _log_step(self, loss: float, lr: float, tokens_per_s: float, flops_per_s: float, bar) -> None:
         gn = self.engine.get_global_grad_norm()
         gn = float(gn) if gn is not None else None
-        achieved = tokens_per_s * self.flops_per_token / self.world
+        achieved = flops_per_s / self.world  # model FLOP/s per device
         row = {
             "step": self.step,
             "loss": loss,

@@ -78,3 +78,23 @@ def prepared(corpus_dir, tmp_path_factory):
         progress=False,
     )
     return out, docs
+
+
+@pytest.fixture(scope="session")
+def words_dataset(kjv_dataset, tmp_path_factory):
+    """A second small dataset prepared with kjv_dataset's tokenizer (so the two can be mixed)."""
+    import random
+
+    d = tmp_path_factory.mktemp("words")
+    with (d / "docs.jsonl").open("w") as f:
+        for doc in make_docs(100, random.Random(1)):
+            f.write(json.dumps({"text": doc}) + "\n")
+    return prepare(
+        [str(d / "docs.jsonl")],
+        d / "ds",
+        tokenizer=str(kjv_dataset / "tokenizer"),
+        seq_len=64,
+        valid_every=10,
+        num_proc=1,
+        progress=False,
+    )
