@@ -1,16 +1,29 @@
-"""python -m roberta_ds.bench {data,e2e}: benchmarks that append measured rows (device, versions,
-commit) to a CSV. Kernel benchmarks live in `python -m kernels.bench`."""
+"""python -m roberta_ds.bench {data,e2e,convergence,scaling,comms}: benchmarks and models that write
+their rows (device, versions, commit) to CSV/JSON. Kernel benchmarks live in `python -m kernels.bench`.
+
+- data: prepare's tokens/s and bytes per token against the run_mlm.py way
+- e2e: end-to-end training throughput / MFU: ours (triton, torch) vs transformers
+- convergence: ours vs transformers' model, same initial weights and batches, loss curves
+- scaling: ZeRO 1/2/3 communication, memory and step time from 8 to 512 GPUs (a model, no GPU)
+- comms: DeepSpeed's comms logger against the scaling model's bytes (run under torchrun)
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+COMMANDS = {  # name -> (module in roberta_ds.benchmarks, help)
+    "data": ("data", "prepare's tokens/s and bytes per token against the run_mlm.py way"),
+    "e2e": ("e2e", "end-to-end training throughput / MFU: ours (triton, torch) vs transformers"),
+    "convergence": ("convergence", "loss curves: ours vs transformers from the same weights and batches"),
+    "scaling": ("scaling", "ZeRO 1/2/3 comms, memory and step time from 8 to 512 GPUs (modelled)"),
+    "comms": ("comms_check", "DeepSpeed's comms logger against the scaling model (under torchrun)"),
+}
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m roberta_ds.bench", description=__doc__)
-    sub = ap.add_subparsers(dest="what", required=True)
-    d = sub.add_parser("data", help="prepare's tokens/s and bytes per token against the run_mlm.py way")
+
+def _add_data_args(d) -> None:
     d.add_argument("--corpus", default="builtin", help="a JSONL file with a 'text' field, or 'builtin'")
     d.add_argument(
         "--tokenizer", default="gpt2", help="'gpt2' (RoBERTa's BPE), 'train', or a tokenizer folder"
@@ -19,18 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--num-proc", type=int, default=2)
     d.add_argument("--cache-dir", default="data_cache")
     d.add_argument("--csv", default="bench_results/data.csv")
-    e = sub.add_parser(
-        "e2e", help="end-to-end training throughput / MFU: ours (triton, torch) vs transformers"
-    )
-    from roberta_ds.benchmarks.e2e import add_args
 
-    add_args(e)
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m roberta_ds.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="what", required=True)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        if name == "data":
+            _add_data_args(p)
+        else:
+            importlib.import_module(f"roberta_ds.benchmarks.{module}").add_args(p)
     args = ap.parse_args(argv)
-    if args.what == "data":
-        from roberta_ds.benchmarks.data import main as run
-    else:
-        from roberta_ds.benchmarks.e2e import main as run
-    return run(args)
+    return importlib.import_module(f"roberta_ds.benchmarks.{COMMANDS[args.what][0]}").main(args)
 
 
 if __name__ == "__main__":
