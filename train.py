@@ -1,6 +1,6 @@
 """Pretrain RoBERTa: parse, build, fit.
 
-  deepspeed --num_gpus 8 train.py --config configs/base.yaml --deepspeed_config ds_configs/zero3_bf16.json
+  deepspeed --num_gpus 8 train.py --config configs/base.yaml --deepspeed_config ds_configs/zero1_bf16.json
   torchrun --nproc_per_node 2 train.py --config configs/tiny_cpu.yaml \
       --deepspeed_config ds_configs/cpu_zero3.json
   python train.py ...   (one process)
@@ -32,7 +32,7 @@ def parse_args(argv=None):
         dest="ds_config",
         default=None,
         help="DeepSpeed JSON: batch sizes, precision, ZeRO stage, clipping, offload "
-        "(default: ds_configs/zero3_bf16.json with a GPU, ds_configs/cpu_zero3.json without)",
+        "(default: ds_configs/zero1_bf16.json with a GPU, ds_configs/cpu_zero3.json without)",
     )
     ap.add_argument("--run_dir", "--run-dir", default=None, help="overrides train.run_dir")
     ap.add_argument(

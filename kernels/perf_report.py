@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench_results")
     ap.add_argument("--baseline", type=Path, default=ROOT / "bench_results" / "sm90_report.csv")
-    ap.add_argument("--ds-config", type=Path, default=ROOT / "ds_configs" / "zero3_bf16.json")
+    ap.add_argument("--ds-config", type=Path, default=ROOT / "ds_configs" / "zero1_bf16.json")
     ap.add_argument("--presets", nargs="+", default=["base", "large"])
     ap.add_argument("--seq-lens", nargs="+", type=int, default=[128, 512])
     ap.add_argument(

@@ -15,7 +15,7 @@ fi
 # Train arguments: the sbatch command line passes through to train.py; CONFIG/DS_CONFIG/RUN_DIR
 # from the environment fill in what it does not say.
 CONFIG=${CONFIG:-configs/base.yaml}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero1_bf16.json}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-roberta}-${SLURM_JOB_ID:-local}}
 REST=()
 while (($#)); do

@@ -104,5 +104,5 @@ def preflight(
 
 def default_ds_config(repo_root: os.PathLike) -> str:
     """The DeepSpeed config that fits this device when none is given."""
-    name = "zero3_bf16.json" if torch.cuda.is_available() else "cpu_zero3.json"
+    name = "zero1_bf16.json" if torch.cuda.is_available() else "cpu_zero3.json"
     return str(os.path.join(repo_root, "ds_configs", name))
