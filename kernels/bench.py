@@ -62,7 +62,7 @@ def _modes(fwd: Callable, inputs: list[torch.Tensor]) -> dict[str, Callable]:
 
 
 def attention_cases(B, S, H, D, dtype, device, pad_frac):
-    from kernels import attention, attention_ref
+    from kernels import attention_qkvpacked, attention_ref
 
     qkv = torch.randn(B, S, 3, H, D, device=device, dtype=dtype, requires_grad=True)
     kpm = torch.ones(B, S, dtype=torch.bool, device=device)
@@ -75,9 +75,11 @@ def attention_cases(B, S, H, D, dtype, device, pad_frac):
         kpm[b, n:] = False
     q, k, v = qkv.unbind(2)
     cases = {
-        "triton": lambda: attention(q, k, v, key_padding_mask=kpm),
+        "triton": lambda: attention_qkvpacked(qkv, key_padding_mask=kpm),
+        "triton-dropout0.1": lambda: attention_qkvpacked(qkv, key_padding_mask=kpm, dropout_p=0.1),
         "eager": lambda: attention_ref(q, k, v, kpm),
     }
+    _attention_tuning(cases, qkv, D, dtype, device)
     bias = torch.zeros(B, 1, 1, S, device=device, dtype=dtype).masked_fill(~kpm[:, None, None], float("-inf"))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -99,6 +101,28 @@ def attention_cases(B, S, H, D, dtype, device, pad_frac):
     flops = {"fwd": 4 * B * H * S * S * D}
     flops["bwd"], flops["fwd+bwd"] = 2.5 * flops["fwd"], 3.5 * flops["fwd"]
     return cases, [qkv], flops, None
+
+
+def _attention_tuning(cases, qkv, D, dtype, device):
+    """Print each attention kernel's autotuning space and, on CUDA, the config it picked (one forward +
+    backward of each Triton case tunes it before the timed runs)."""
+    import importlib
+
+    A = importlib.import_module("kernels.attention")
+    tiles = lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"  # noqa: E731
+    for name in ("triton", "triton-dropout0.1"):
+        dropout = name != "triton"
+        for kernel in A.KERNELS:
+            space = A.autotune_space(kernel, D, dtype, dropout)
+            print(f"attention {kernel} d{D} {dtype} dropout={dropout}: space {', '.join(map(tiles, space))}")
+        if device != "cuda":
+            continue
+        cases[name]().backward(torch.ones(qkv.shape[:2] + qkv.shape[3:], device=device, dtype=dtype))
+        qkv.grad = None
+        for kernel in A.KERNELS:
+            for key, cfg in A.tuned_configs(kernel).items():
+                if key[1] == D and key[4] == dropout:
+                    print(f"attention {kernel} key {key}: winner {tiles(cfg)}")
 
 
 def layer_norm_cases(M, N, dtype, device):

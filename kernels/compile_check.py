@@ -112,7 +112,7 @@ def layer_norm_sm90(N, dtype):
             "HAS_RESIDUAL": True,
             "HAS_DROPOUT": True,
             "STORE_H": True,
-            "ROWS": 1,
+            "ROWS": 2,
             "BLOCK_N": block,
         },
         L._warps(block),
@@ -154,16 +154,22 @@ def pointwise_sm90():
         G._bias_gelu_bwd_kernel,
         {
             **ptrs(["DY_ptr", "X_ptr", "B_ptr", "DX_ptr"], dt),
-            "M": 9,
+            "DB_ptr": torch.float32,
+            "M": 16384,
             "N": 3072,
             "stride_x_row": 3072,
+            "rows_per_program": 384,
             **blocks,
         },
         4,
     )
     LCE = importlib.import_module("kernels.linear_cross_entropy")
     vp = 50304  # the fused head's padded row stride (V = 50265 rounded up to 64)
-    for stats, grad, bias, v_load in ((True, True, dt, vp), (True, False, None, 50265), (False, True, None, 50265)):
+    for stats, grad, bias, v_load in (
+        (True, True, dt, vp),
+        (True, False, None, 50265),
+        (False, True, None, 50265),
+    ):
         compile_sm90(
             C._ce_kernel,
             {

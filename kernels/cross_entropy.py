@@ -1,11 +1,24 @@
 """Cross-entropy over the vocabulary for the masked rows, mean over non-ignored rows.
 
-Algorithm: forward, one program per row streams the V logits in BLOCK_V chunks with an online
-max/sum-exp (Milakov & Gimelshein 2018), so any vocabulary fits, and stores the row's logsumexp;
-loss_i = lse_i - logit_i[label_i], 0 for ignored rows. Backward streams the row again and writes
-dlogits = (softmax - onehot(label)) * dloss / n_valid. The mean divides by max(n_valid, 1): a batch
-with no labelled row has loss 0, never NaN. Logits of any float dtype; math in fp32.
-Reference: `cross_entropy_ref`.
+Algorithm: `_ce_kernel`, one program per row, up to two passes over the row in BLOCK_V chunks:
+- STATS: an online max / sum-exp (Milakov & Gimelshein 2018), so any vocabulary fits, giving the
+  row's logsumexp; loss_i = lse_i - z_i[label_i] (0 for ignored rows) and hit_i = the row's first
+  argmax (as torch.argmax) equals its label, for labelled rows only. The argmax costs nothing per
+  element: a block's argmax is reduced only when its max beats the running max.
+- GRAD: dlogits = (softmax - onehot(label)) * scale, 0 on ignored rows; may overwrite the logits in
+  place (every element is read by the thread that then writes it). The second read hits L2 (a row
+  of 50K bf16 logits is 100 KB; ~2 rows per SM are in flight).
+z = logits (+ bias, in fp32 registers: the fused decoder adds its bias here, not in its GEMM).
+Rows may be padded: `V_load` >= V columns are loaded, so a row stride and V_load that are multiples
+of 16 give 16-byte vector loads (V = 50265 unpadded gives scalar 2-byte loads: every address is
+odd-aligned); padding columns must hold finite logits and a -inf bias, so they need no mask in the
+loops. The one-hot term is written after the loop, once per row, not compared per element.
+Labels: in [0, V) or ignore_index (which may itself be a class id: those rows are ignored). Any other
+label never reaches memory (it is clamped) and clears *Ok; `check_labels` turns that into an
+IndexError on CPU tensors, and on CUDA into an asynchronous device assert (as torch's own CUDA
+cross-entropy does), so no host sync is needed.
+The mean divides by max(n_valid, 1): a batch with no labelled row has loss 0, never NaN. Logits of
+any float dtype; math in fp32. Reference: `cross_entropy_ref`.
 """
 
 from __future__ import annotations
@@ -19,60 +32,129 @@ from kernels._utils import check_dtype, check_runnable
 
 
 @triton.jit
-def _ce_fwd_kernel(
-    Logits_ptr,  # (N, V)
+def _ce_kernel(
+    Logits_ptr,  # (N, >= V_load), row stride stride_row
+    Bias_ptr,  # (V_load,) or None: -inf on padding columns
     Labels_ptr,  # (N,) int64
-    Loss_ptr,  # (N,) fp32
-    LSE_ptr,  # (N,) fp32
+    Loss_ptr,  # (N,) fp32, written when STATS
+    LSE_ptr,  # (N,) fp32, written when STATS, else read
+    Hit_ptr,  # (N,) int32, written when STATS: 1 where a labelled row's argmax is its label
+    DLogits_ptr,  # (N, >= V_load), row stride stride_drow; written when GRAD (may be Logits_ptr)
+    Scale_ptr,  # () fp32 or None: the gradient is multiplied by scale * *Scale_ptr
+    Ok_ptr,  # () int32, set to 0 when a label is neither in [0, V) nor ignore_index
+    scale,
     V,
-    stride_row,
-    ignore_index,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(Labels_ptr + row)
-    base = Logits_ptr + row * stride_row
-    m = -float("inf")
-    s = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-    lse = m + tl.log(s)
-    valid = label != ignore_index
-    target = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
-    tl.store(Loss_ptr + row, tl.where(valid, lse - target, 0.0))
-    tl.store(LSE_ptr + row, lse)
-
-
-@triton.jit
-def _ce_bwd_kernel(
-    Logits_ptr,  # (N, V)
-    Labels_ptr,  # (N,)
-    LSE_ptr,  # (N,)
-    DLogits_ptr,  # (N, V)
-    Scale_ptr,  # () fp32: dloss / n_valid
-    V,
+    V_load,
     stride_row,
     stride_drow,
     ignore_index,
+    HAS_BIAS: tl.constexpr,
+    STATS: tl.constexpr,
+    GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    label = tl.load(Labels_ptr + row)
-    lse = tl.load(LSE_ptr + row)
-    scale = tl.where(label != ignore_index, tl.load(Scale_ptr), 0.0)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(Logits_ptr + row * stride_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-        g = (tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
-        tl.store(DLogits_ptr + row * stride_drow + cols, g.to(DLogits_ptr.dtype.element_ty), mask=cols < V)
+    label64 = tl.load(Labels_ptr + row)
+    ignored = label64 == ignore_index
+    in_range = (label64 >= 0) & (label64 < V)
+    valid = in_range & ~ignored
+    label = tl.where(valid, label64, 0).to(tl.int32)  # never addresses memory out of the row
+    base = Logits_ptr + row * stride_row
+    # The target logit, read before the gradient pass may overwrite the row in place.
+    target = tl.load(base + label).to(tl.float32)
+    if HAS_BIAS:
+        target += tl.load(Bias_ptr + label).to(tl.float32)
+    if STATS:
+        tl.store(Ok_ptr, 0, mask=~(ignored | in_range))
+        m = -float("inf")
+        s = 0.0
+        arg = 0
+        for start in range(0, V_load, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = tl.load(base + cols, mask=cols < V_load, other=-float("inf")).to(tl.float32)
+            if HAS_BIAS:  # padding columns hold 0 and their bias -inf
+                z += tl.load(Bias_ptr + cols, mask=cols < V_load, other=0.0).to(tl.float32)
+            block_max = tl.max(z, axis=0)
+            if block_max > m:  # rare after the first blocks: the argmax reduction runs only here
+                arg = start + tl.argmax(z, axis=0)
+            m_new = tl.maximum(m, block_max)
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        tl.store(Loss_ptr + row, tl.where(valid, lse - target, 0.0))
+        tl.store(LSE_ptr + row, lse)
+        tl.store(Hit_ptr + row, (valid & (arg == label)).to(tl.int32))
+    else:
+        lse = tl.load(LSE_ptr + row)
+    if GRAD:
+        g_scale = tl.where(valid, scale, 0.0)
+        if Scale_ptr is not None:
+            g_scale *= tl.load(Scale_ptr)
+        dbase = DLogits_ptr + row * stride_drow
+        for start in range(0, V_load, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = tl.load(base + cols, mask=cols < V_load, other=-float("inf")).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(Bias_ptr + cols, mask=cols < V_load, other=0.0).to(tl.float32)
+            g = tl.exp(z - lse) * g_scale
+            tl.store(dbase + cols, g.to(DLogits_ptr.dtype.element_ty), mask=cols < V_load)
+        # softmax - onehot: the label's element, rewritten once after the whole row is stored
+        # (the barrier orders it after the loop's store of that element by another thread)
+        tl.debug_barrier()
+        g_label = (tl.exp(target - lse) - 1.0) * g_scale
+        tl.store(dbase + label, g_label.to(DLogits_ptr.dtype.element_ty), mask=valid)
 
 
 def _block_v(V: int) -> int:
     return min(triton.next_power_of_2(V), 4096)
+
+
+def ce_launch(
+    logits, bias, labels, loss, lse, hit, dlogits, scale_t, ok, scale, V, ignore_index, *, stats, grad
+):
+    """One `_ce_kernel` launch over the rows of `logits` (N, V_load >= V): columns V.. V_load are
+    padding (finite logits, bias -inf), see the module docstring."""
+    N = logits.shape[0]
+    if N == 0:
+        return
+    V_load = logits.shape[1]
+    _ce_kernel[(N,)](
+        logits,
+        bias,
+        labels,
+        loss,
+        lse,
+        hit,
+        dlogits,
+        scale_t,
+        ok,
+        scale,
+        V,
+        V_load,
+        logits.stride(0),
+        dlogits.stride(0) if dlogits is not None else 0,
+        ignore_index,
+        HAS_BIAS=bias is not None,
+        STATS=stats,
+        GRAD=grad,
+        BLOCK_V=_block_v(V_load),
+        num_warps=8,
+    )
+
+
+def check_labels(ok: torch.Tensor, labels: torch.Tensor, V: int, ignore_index: int, name: str) -> None:
+    """Raise for labels outside [0, V) other than ignore_index, found by `_ce_kernel` (*ok == 0).
+    CPU: an IndexError now. CUDA: torch._assert_async, which fails at a later synchronisation with
+    a device-side assert, like torch's own CUDA cross-entropy; never a host sync here."""
+    if ok.device.type == "cpu":
+        if not ok.item():
+            bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= V))]
+            raise IndexError(
+                f"kernels.{name}: target {bad[0].item()} is out of bounds for {V} classes "
+                f"(labels must be in [0, {V}) or ignore_index={ignore_index})"
+            )
+    elif ok.device.type == "cuda":
+        torch._assert_async(ok.bool().view(()), f"kernels.{name}: a label is out of bounds for {V} classes")
 
 
 def cross_entropy_fwd(logits, labels, ignore_index):
@@ -86,19 +168,22 @@ def cross_entropy_fwd(logits, labels, ignore_index):
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     N, V = logits.shape
-    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    if N:
-        _ce_fwd_kernel[(N,)](
-            logits, labels, loss, lse, V, logits.stride(0), ignore_index, BLOCK_V=_block_v(V), num_warps=8
-        )
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    loss, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    hit = torch.empty(N, dtype=torch.int32, device=logits.device)
+    ok = torch.ones((), dtype=torch.int32, device=logits.device)
+    ce_launch(
+        logits, None, labels, loss, lse, hit, None, None, ok, 1.0, V, ignore_index, stats=True, grad=False
+    )
+    check_labels(ok, labels, V, ignore_index, "cross_entropy")
     return loss, lse, logits
 
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index):
-        loss_rows, lse, logits_c = cross_entropy_fwd(logits, labels.long(), ignore_index)
+        labels = labels.long()
+        loss_rows, lse, logits_c = cross_entropy_fwd(logits, labels, ignore_index)
         n_valid = (labels != ignore_index).sum().clamp(min=1).float()
         ctx.save_for_backward(logits_c, labels, lse, n_valid)
         ctx.ignore_index = ignore_index
@@ -107,29 +192,20 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         logits, labels, lse, n_valid = ctx.saved_tensors
-        N, V = logits.shape
         dlogits = torch.empty_like(logits)
-        scale = (dloss.float() / n_valid).reshape(())
-        if N:
-            _ce_bwd_kernel[(N,)](
-                logits,
-                labels.long(),
-                lse,
-                dlogits,
-                scale,
-                V,
-                logits.stride(0),
-                dlogits.stride(0),
-                ctx.ignore_index,
-                BLOCK_V=_block_v(V),
-                num_warps=8,
-            )
+        scale_t = (dloss.float() / n_valid).reshape(())  # fp32 on the device: a loss scale cannot overflow
+        V = logits.shape[1]
+        ce_launch(
+            logits, None, labels, None, lse, None, dlogits, scale_t, None, 1.0, V, ctx.ignore_index,
+            stats=False, grad=True,
+        )  # fmt: skip
         return dlogits, None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy over rows whose label != ignore_index (0 when there are none).
-    logits (N, V) any float dtype, labels (N,) int; returns a () fp32 tensor."""
+    logits (N, V) any float dtype, labels (N,) int in [0, V) or ignore_index; returns a () fp32
+    tensor. Other labels raise IndexError (CPU) or a device-side assert (CUDA)."""
     return _CrossEntropy.apply(logits, labels, ignore_index)
 
 

@@ -1,16 +1,23 @@
 """Residual + dropout + LayerNorm: y = LayerNorm(dropout(x) + residual) over the last dim.
 
 Algorithm (after flash-attention's `ops/triton/layer_norm.py` and Liger-Kernel's layer_norm):
-- forward: one program per row, the whole row in registers (BLOCK_N = next power of 2 >= N);
-  h = x * keep / (1 - p) + residual with keep = philox(seed, row * N + col) >= p; writes y, h (the
-  pre-norm sum, needed by the backward and by nothing else when neither residual nor dropout is
-  used, in which case h is x itself) and per-row mean and rstd in fp32.
-- backward: a persistent grid of G programs, each walking a contiguous run of rows, computing
+- forward: one program per two rows (w and b loaded once for both), whole rows in registers
+  (BLOCK_N = next power of 2 >= N); h = x * keep / (1 - p) + residual; writes y, h (the pre-norm
+  sum, needed by the backward and by nothing else when neither residual nor dropout is used, in
+  which case h is x itself) and per-row mean and rstd in fp32.
+- dropout (`_keep`): one Philox call (`tl.randint4x`) decides 4 columns, as FlashAttention-2
+  amortises its draws: column 4q + k of row r is kept when 32-bit output k of Philox(seed,
+  r * ceil(N / 4) + q) is >= p * 2^32 (31 bits compared). A pure function of (seed, row, column),
+  so the backward regenerates the forward's mask and a resumed run draws the same masks.
+  tl.rand per element ran a whole Philox per element and kept 1 of its 4 outputs.
+- backward: a persistent grid of G programs, each walking a contiguous run of rows two at a time,
+  the next pair's h and dy loaded before this pair's math (prefetch), computing
   dh = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)) and accumulating dweight/dbias for its
   rows in fp32 registers; G partial rows are summed at the end. This avoids the (M, N) fp32
   dweight buffer and atomics, which is where off-the-shelf Triton LayerNorm backwards lose to torch
   at N = 768/1024. dx = dh * keep / (1 - p) regenerates the dropout mask from the seed.
-Limits: N <= 16384 (one row per program in registers); fp32/fp16/bf16 with fp32 statistics.
+Limits: N <= 16384 (whole rows in registers); at N not a power of two (768) a quarter of the
+Philox lanes (columns N..BLOCK_N) are computed and unused; fp32/fp16/bf16 with fp32 statistics.
 Reference: `layer_norm_ref`.
 """
 
@@ -27,8 +34,14 @@ MAX_N = 16384
 
 
 @triton.jit
-def _keep(seed, offs, p):
-    return tl.rand(seed, offs) >= p
+def _keep(seed, rows, n_quads, threshold, BLOCK_N: tl.constexpr):
+    """(R, BLOCK_N) dropout keep mask of `rows` (R,): column 4q + k is kept when output k of the
+    Philox call (seed, row * n_quads + q) is >= p * 2^32, so one call decides 4 columns."""
+    q = tl.arange(0, BLOCK_N // 4)
+    offs = (rows[:, None] * n_quads + q[None, :]).to(tl.uint32)
+    r0, r1, r2, r3 = tl.randint4x(seed, offs)
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_N))  # [.., 4q + k]
+    return (r >> 1).to(tl.int32, bitcast=True) >= threshold  # threshold = p * 2^31
 
 
 @triton.jit
@@ -41,36 +54,44 @@ def _ln_fwd_kernel(
     H_ptr,  # (M, N) pre-norm sum, written when STORE_H
     Mean_ptr,
     Rstd_ptr,  # (M,) fp32
+    M,
     N,
     stride_x_row,
     stride_r_row,
     eps,
     p,
+    threshold,  # p * 2^31, the integer form of p that _keep compares with
     seed,
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     STORE_H: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    h = tl.load(X_ptr + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    rmask = rows < M
+    mask = rmask[:, None] & (cols < N)[None, :]
+    offs = rows[:, None] * N + cols[None, :]
+    h = tl.load(X_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _keep(seed, (row * N + cols).to(tl.uint32), p)
-        h = tl.where(keep, h / (1.0 - p), 0.0)
+        keep = _keep(seed, rows, (N + 3) // 4, threshold, BLOCK_N)
+        h = tl.where(keep, h * (1.0 / (1.0 - p)), 0.0)
     if HAS_RESIDUAL:
-        h += tl.load(R_ptr + row * stride_r_row + cols, mask=mask, other=0.0).to(tl.float32)
+        h += tl.load(R_ptr + rows[:, None] * stride_r_row + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
     if STORE_H:
-        tl.store(H_ptr + row * N + cols, h.to(H_ptr.dtype.element_ty), mask=mask)
-    mean = tl.sum(h, axis=0) / N
-    d = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-    w = tl.load(W_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y_ptr + row * N + cols, (d * rstd * w + b).to(Y_ptr.dtype.element_ty), mask=mask)
-    tl.store(Mean_ptr + row, mean)
-    tl.store(Rstd_ptr + row, rstd)
+        tl.store(H_ptr + offs, h.to(H_ptr.dtype.element_ty), mask=mask)
+    mean = tl.sum(h, axis=1) / N
+    d = tl.where(mask, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
+    w = tl.load(W_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    b = tl.load(B_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = d * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=mask)
+    tl.store(Mean_ptr + rows, mean, mask=rmask)
+    tl.store(Rstd_ptr + rows, rstd, mask=rmask)
 
 
 @triton.jit
@@ -88,47 +109,63 @@ def _ln_bwd_kernel(
     N,
     rows_per_program,
     p,
+    threshold,
     seed,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Two rows an iteration, the next pair's loads issued before this pair's math (prefetch), so
+    # each program keeps 2 x 2 rows of h and dy in flight instead of 1 x 2.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    cmask = (cols < N)[None, :]
+    w = tl.load(W_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64: rows x N can pass 2^31
-    for i in range(0, rows_per_program):
-        row = row_start + i
-        rmask = mask & ((tl.zeros_like(cols) + row) < M)  # the last program's run may pass the end
-        offs = row * N + cols
-        h = tl.load(H_ptr + offs, mask=rmask, other=0.0).to(tl.float32)
-        dy = tl.load(DY_ptr + offs, mask=rmask, other=0.0).to(tl.float32)
-        last = tl.minimum(row, M - 1)  # past the end: any valid row, its dy is masked to 0
-        mean = tl.load(Mean_ptr + last)
-        rstd = tl.load(Rstd_ptr + last)
-        xhat = tl.where(rmask, (h - mean) * rstd, 0.0)
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    rows = row_start + tl.arange(0, 2)
+    mask = (rows < row_end)[:, None] & cmask
+    offs = rows[:, None] * N + cols[None, :]
+    h_next = tl.load(H_ptr + offs, mask=mask, other=0.0)
+    dy_next = tl.load(DY_ptr + offs, mask=mask, other=0.0)
+    for _ in range(0, rows_per_program, 2):
+        rmask = rows < row_end
+        h, dy, this_mask, this_offs = h_next.to(tl.float32), dy_next.to(tl.float32), mask, offs
+        nxt = rows + 2
+        mask = (nxt < row_end)[:, None] & cmask
+        offs = nxt[:, None] * N + cols[None, :]
+        h_next = tl.load(H_ptr + offs, mask=mask, other=0.0)
+        dy_next = tl.load(DY_ptr + offs, mask=mask, other=0.0)
+        mean = tl.load(Mean_ptr + rows, mask=rmask, other=0.0)[:, None]
+        rstd = tl.load(Rstd_ptr + rows, mask=rmask, other=0.0)[:, None]
+        xhat = tl.where(this_mask, (h - mean) * rstd, 0.0)
         wdy = w * dy
-        dw += dy * xhat
-        db += dy
-        c1 = tl.sum(xhat * wdy, axis=0) / N
-        c2 = tl.sum(wdy, axis=0) / N
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+        c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
+        c2 = tl.sum(wdy, axis=1)[:, None] / N
         dh = (wdy - (xhat * c1 + c2)) * rstd
-        tl.store(DH_ptr + offs, dh.to(DH_ptr.dtype.element_ty), mask=rmask)
+        tl.store(DH_ptr + this_offs, dh.to(DH_ptr.dtype.element_ty), mask=this_mask)
         if HAS_DROPOUT:
-            keep = _keep(seed, offs.to(tl.uint32), p)
-            tl.store(
-                DX_ptr + offs, tl.where(keep, dh / (1.0 - p), 0.0).to(DX_ptr.dtype.element_ty), mask=rmask
-            )
-    tl.store(DW_ptr + pid * N + cols, dw, mask=mask)
-    tl.store(DB_ptr + pid * N + cols, db, mask=mask)
+            keep = _keep(seed, rows, (N + 3) // 4, threshold, BLOCK_N)
+            dx = tl.where(keep, dh * (1.0 / (1.0 - p)), 0.0)
+            tl.store(DX_ptr + this_offs, dx.to(DX_ptr.dtype.element_ty), mask=this_mask)
+        rows = nxt
+    tl.store(DW_ptr + pid * N + cols, dw, mask=cols < N)
+    tl.store(DB_ptr + pid * N + cols, db, mask=cols < N)
 
 
 @triton.jit
-def _dropout_keep_kernel(K_ptr, M, N, p, seed, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(K_ptr + offs, _keep(seed, offs.to(tl.uint32), p).to(tl.int8), mask=offs < M * N)
+def _dropout_keep_kernel(K_ptr, M, N, threshold, seed, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
+    cols = tl.arange(0, BLOCK_N)
+    keep = _keep(seed, rows, (N + 3) // 4, threshold, BLOCK_N)
+    tl.store(K_ptr + rows[:, None] * N + cols[None, :], keep.to(tl.int8), mask=(cols < N)[None, :])
+
+
+def _threshold(p: float) -> int:
+    return int(p * 2**31)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +204,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     BLOCK_N = triton.next_power_of_2(N)
-    _ln_fwd_kernel[(M,)](
+    _ln_fwd_kernel[(triton.cdiv(M, 2),)](
         x2,
         r2,
         weight,
@@ -176,15 +213,18 @@ def layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
         h,
         mean,
         rstd,
+        M,
         N,
         x2.stride(0),
         r2.stride(0) if r2 is not None else 0,
         eps,
         dropout_p,
+        _threshold(dropout_p),
         seed,
         HAS_RESIDUAL=r2 is not None,
         HAS_DROPOUT=dropout_p > 0,
         STORE_H=store_h,
+        ROWS=2,
         BLOCK_N=BLOCK_N,
         num_warps=_warps(BLOCK_N),
     )
@@ -216,6 +256,7 @@ def layer_norm_bwd(dy, h, weight, mean, rstd, dropout_p, seed, x_dtype, has_resi
         N,
         rows_per_program,
         dropout_p,
+        _threshold(dropout_p),
         seed,
         HAS_DROPOUT=dropout_p > 0,
         BLOCK_N=BLOCK_N,
@@ -263,7 +304,7 @@ def layer_norm(
 def layer_norm_dropout_keep(seed: int, M: int, N: int, p: float, device) -> torch.Tensor:
     """(M, N) bool: the dropout mask layer_norm draws for (seed, p) over M rows of N (for tests)."""
     keep = torch.empty((M, N), dtype=torch.int8, device=device)
-    _dropout_keep_kernel[(triton.cdiv(M * N, 1024),)](keep, M, N, p, seed, BLOCK=1024)
+    _dropout_keep_kernel[(M,)](keep, M, N, _threshold(p), seed, BLOCK_N=triton.next_power_of_2(N))
     return keep.bool()
 
 

@@ -4,14 +4,30 @@ Each time a block is served, a fresh mask is drawn from a generator seeded by (s
 global sample sequence), so it differs across epochs yet is reproducible on resume whatever the
 number of workers or ranks. Of the non-special tokens, 15% are chosen (the count is
 floor(0.15 * n + u), u ~ U[0, 1), as fairseq does); of those 80% become <mask>, 10% a random
-non-special token, 10% stay. Labels are -100 elsewhere.
+non-special token, 10% stay. Labels are IGNORE_INDEX elsewhere.
+
+The batch also carries `mlm_positions` (B, K): each row's chosen positions, padded with unchosen ones
+(label IGNORE_INDEX) to K = max_masked(S), which bounds the count above whatever the draw. The model
+gathers exactly those B*K rows for its head, so the step needs no `nonzero` (no host-device sync) and
+the head's shapes are fixed for a given (B, S).
 """
 
 from __future__ import annotations
 
 import torch
 
-from roberta_ds.model.roberta import IGNORE_INDEX
+IGNORE_INDEX = -100  # the label of every token without a loss (torch's cross-entropy default)
+
+
+def max_masked(seq_len: int, mlm_probability: float) -> int:
+    """An upper bound of the tokens chosen in a row of seq_len: floor(p * n + u) <= floor(p * S) + 1."""
+    return min(seq_len, int(mlm_probability * seq_len) + 1)
+
+
+def masked_positions(labels_BS: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) int64: each row's labelled positions in order, then unlabelled ones (k >= the count)."""
+    unlabelled_BS = (labels_BS == IGNORE_INDEX).to(torch.int8)
+    return torch.argsort(unlabelled_BS, dim=1, stable=True)[:, :k]
 
 
 class MLMCollator:
@@ -60,11 +76,12 @@ class MLMCollator:
             ids.append(x)
             labels.append(y)
             segs.append(block["segment_ids"])
-        input_ids = torch.stack(ids)
+        input_ids, labels_BS = torch.stack(ids), torch.stack(labels)
         batch = {
             "input_ids": input_ids,
-            "labels": torch.stack(labels),
+            "labels": labels_BS,
             "attention_mask": (input_ids != self.dataset.pad).long(),
+            "mlm_positions": masked_positions(labels_BS, max_masked(input_ids.shape[1], self.p)),
         }
         if self.document_mask:
             batch["segment_ids"] = torch.stack(segs)

@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from roberta_ds.config import ModelConfig
+from roberta_ds.data.masking import IGNORE_INDEX
 from roberta_ds.model.embeddings import Embeddings
 from roberta_ds.model.layer import EncoderLayer, MLMHead
 from roberta_ds.model.ops import Ops, resolve_ops
-
-IGNORE_INDEX = -100
 
 
 class MLMOutput(NamedTuple):
@@ -83,23 +82,33 @@ class RobertaMLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # (B, S) int64
         attention_mask: torch.Tensor | None = None,  # (B, S), 1 = real token
-        labels: torch.Tensor | None = None,  # (B, S) int64, -100 where no loss
+        labels: torch.Tensor | None = None,  # (B, S) int64, IGNORE_INDEX where no loss
         segment_ids: torch.Tensor | None = None,  # (B, S) document ids inside packed blocks
+        mlm_positions: torch.Tensor | None = None,  # (B, K) every labelled position of each row, padded
     ) -> MLMOutput:
+        """With labels: the mean loss over labelled tokens, computed on their rows only. Pass
+        mlm_positions (MLMCollator does: each row's labelled positions, padded with unlabelled
+        ones to a fixed K) for a step without host-device sync; without it the labelled rows are
+        found with `nonzero`, which waits for the device once per call."""
         x_BSD = self.encode(input_ids, attention_mask, segment_ids)
         word_VD = self.embeddings.word.weight
         if labels is None:
             return MLMOutput(logits=self.head(x_BSD, word_VD, self.ops))
         # Masked-only head: gather the ~15% labelled rows first, so the (tokens, V) projection and
         # the loss run on N = 0.15 * B * S rows instead of all of them; the Triton path also fuses the
-        # projection with the loss in chunks, so no (N, V) logits are returned.
+        # projection with the loss, so no (N, V) logits are returned. Padding rows carry IGNORE_INDEX.
+        B, S, D = x_BSD.shape
         labels_flat = labels.reshape(-1)
-        sel_N = (labels_flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
-        x_ND = x_BSD.reshape(-1, x_BSD.shape[-1]).index_select(0, sel_N)
+        if mlm_positions is not None:
+            offsets_B1 = torch.arange(0, B * S, S, device=labels.device).unsqueeze(1)
+            sel_N = (mlm_positions + offsets_B1).reshape(-1)
+        else:
+            sel_N = (labels_flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+        x_ND = x_BSD.reshape(-1, D).index_select(0, sel_N)
         labels_N = labels_flat.index_select(0, sel_N)
         h_ND = self.head.transform(x_ND, self.ops)
         loss, correct = self.ops.linear_cross_entropy(h_ND, word_VD, self.head.bias, labels_N, IGNORE_INDEX)
-        return MLMOutput(loss=loss, num_masked=sel_N.new_tensor(sel_N.numel()), correct=correct)
+        return MLMOutput(loss=loss, num_masked=(labels_N != IGNORE_INDEX).sum(), correct=correct)
 
     def num_parameters(self) -> int:
         """Parameters counted once (the decoder shares the word embeddings)."""

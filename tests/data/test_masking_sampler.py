@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from roberta_ds.data.dataset import PackedDataset
-from roberta_ds.data.masking import MLMCollator
+from roberta_ds.data.masking import IGNORE_INDEX, MLMCollator, max_masked
 from roberta_ds.data.sampler import GlobalOrderSampler
 
 
@@ -45,6 +45,22 @@ def test_masking_is_deterministic_per_position_and_fresh_across_positions(prepar
     assert torch.equal(a.mask(block, 17)[0], b.mask(block, 17)[0])
     assert not torch.equal(a.mask(block, 17)[1], a.mask(block, 17 + len(ds))[1])  # next epoch: new mask
     assert not torch.equal(a.mask(block, 17)[1], collator(ds, seed=6).mask(block, 17)[1])
+
+
+def test_collator_hands_over_every_masked_position_padded_to_a_fixed_count(prepared):
+    out, _ = prepared
+    ds = PackedDataset(out)
+    col = collator(ds)
+    for start in (0, 40):
+        batch = col([(start + i, i % len(ds)) for i in range(6)])
+        labels, pos = batch["labels"], batch["mlm_positions"]
+        S = labels.shape[1]
+        assert pos.shape == (6, max_masked(S, 0.15)) and pos.dtype == torch.long
+        for b in range(6):
+            chosen = (labels[b] != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+            assert torch.equal(pos[b, : len(chosen)], chosen)  # every labelled position, in order
+            assert (labels[b, pos[b, len(chosen) :]] == IGNORE_INDEX).all()  # then unlabelled padding
+            assert len(set(pos[b].tolist())) == pos.shape[1]
 
 
 def take(sampler, n):

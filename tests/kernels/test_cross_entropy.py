@@ -44,3 +44,38 @@ def test_all_rows_ignored_gives_zero_not_nan():
 def test_shape_errors():
     with pytest.raises(ValueError, match="logits"):
         cross_entropy(torch.randn(2, 3, 4, device=DEVICE), torch.zeros(2, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.parametrize("bad", [100, -1])
+def test_out_of_range_labels_raise(bad):
+    labels = torch.tensor([1, bad, -100, 99], device=DEVICE)
+    with pytest.raises(IndexError, match=f"target {bad} is out of bounds for 100 classes"):
+        cross_entropy(torch.randn(4, 100, device=DEVICE), labels)
+
+
+def test_ignore_index_may_be_a_class_id():
+    x64 = torch.randn(9, 30, dtype=torch.float64, device=DEVICE)
+    labels = torch.tensor([3, 0, 3, 29, 5, 3, 1, 2, 3], device=DEVICE)
+    x = x64.float().requires_grad_()
+    loss = cross_entropy(x, labels, ignore_index=3)
+    loss.backward()
+    ref = x64.clone().requires_grad_()
+    cross_entropy_ref(ref, labels, ignore_index=3).backward()
+    assert torch.allclose(loss.double(), cross_entropy_ref(x64, labels, ignore_index=3), atol=1e-6)
+    assert torch.allclose(x.grad.double(), ref.grad, atol=1e-6) and not x.grad[labels == 3].any()
+
+
+def test_fp16_loss_scale_2_24_stays_finite():
+    x64 = torch.randn(300, 64, dtype=torch.float64, device=DEVICE)
+    labels = torch.randint(0, 64, (300,), device=DEVICE)
+    grads = []
+    for fn, dt in (
+        (cross_entropy, torch.float16),
+        (cross_entropy_ref, torch.float16),
+        (cross_entropy_ref, torch.float64),
+    ):
+        x = x64.to(dt).requires_grad_()
+        fn(x, labels).backward(torch.tensor(2.0**24, device=DEVICE))
+        grads.append(x.grad)
+    assert torch.isfinite(grads[0]).all()
+    check_close(grads[0], grads[1], grads[2], ATOL[torch.float16] * 2**24 / 300, "dlogits")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import roberta_ds
+from roberta_ds.data.masking import masked_positions
 from tests.kernels.conftest import DEVICE
 
 
@@ -32,10 +33,13 @@ def test_triton_path_matches_torch_path(use_segments):
     tri.set_kernels("triton")
     ids, mask, labels, seg = batch(300)
     seg = seg if use_segments else None
-    out_ref = ref(ids, mask, labels, segment_ids=seg)
-    out_tri = tri(ids, mask, labels, segment_ids=seg)
+    out_ref = ref(ids, mask, labels, segment_ids=seg)  # rows found with nonzero
+    positions = masked_positions(labels, 16)  # the collator's sync-free gather, padded rows included
+    out_tri = tri(ids, mask, labels, segment_ids=seg, mlm_positions=positions)
     assert tri.ops.backend == "triton" and ref.ops.backend == "torch"
     assert torch.allclose(out_tri.loss, out_ref.loss, atol=1e-5), (out_tri.loss, out_ref.loss)
+    assert out_tri.num_masked.item() == out_ref.num_masked.item() == int((labels != -100).sum())
+    assert out_tri.correct.item() == out_ref.correct.item()
     out_ref.loss.backward()
     out_tri.loss.backward()
     for (name, p_ref), p_tri in zip(ref.named_parameters(), tri.parameters()):
