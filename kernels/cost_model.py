@@ -4,7 +4,9 @@ Per launch:  time = max(tensor-core FLOPs / TC_PEAK, DRAM bytes / HBM_BW, L2 byt
                         warp-instructions issued / ISSUE_RATE) / wave_efficiency + LAUNCH_S
 - Triton kernels (from their sm_90 SASS, kernels.sass): FLOPs and warp-instructions are the static
   counts outside every loop plus the main loop's counts x its trip count (MAIN_LOOP_TRIPS below,
-  from the launch's arguments), x warps x CTAs; other loops (masked tails) are taken as not run. DRAM bytes are the sizes of the kernel's tensor
+  from the launch's arguments), x warps x CTAs. In a kernel whose main loop runs the tensor cores,
+  the other loops are masked tails and taken as not run (full packed blocks); in an elementwise
+  kernel every loop is a pass over the same extent and runs the main loop's trip count. DRAM bytes are the sizes of the kernel's tensor
   arguments (each read or written once: what the interface needs; re-reads are assumed to hit L2);
   L2 bytes are the global loads/stores the SASS issues. wave_efficiency = (CTAs / SMs) / ceil(CTAs / SMs).
 - cuBLAS GEMMs (aten mm/addmm/bmm): 2*M*N*K FLOPs at the measured GEMM rate; bytes = operands.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.sass import KernelBinary
-from kernels.trace import TorchOp, TritonLaunch
+from kernels.trace import TensorSpec, TorchOp, TritonLaunch
 
 SMS = 132
 CLOCK_HZ = 1.755e9
@@ -40,13 +42,13 @@ HBM_BW = 3.0e12  # measured device-to-device copy
 L2_BW = 5.5e12
 LAUNCH_S = 2e-6
 
-GEMMS = {
-    "aten.mm.default",
-    "aten.addmm.default",
-    "aten.addmm_.default",
-    "aten.bmm.default",
-    "aten.baddbmm.default",
-}
+GEMM_OPS = (
+    "aten.mm.",
+    "aten.addmm.",
+    "aten.addmm_.",
+    "aten.bmm.",
+    "aten.baddbmm.",
+)  # every overload: out=, dtype
 FREE = (
     "aten.empty",
     "aten.empty_like",
@@ -61,6 +63,10 @@ FREE = (
 )
 
 
+def is_gemm(op: TorchOp) -> bool:
+    return op.name.startswith(GEMM_OPS)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
@@ -71,9 +77,9 @@ MAIN_LOOP_TRIPS = {
     "_attn_fwd_kernel": lambda a: _cdiv(a["S"], a["BLOCK_N"]),
     "_attn_bwd_dkdv_kernel": lambda a: _cdiv(a["S"], a["BLOCK_M"]),
     "_attn_bwd_dq_kernel": lambda a: _cdiv(a["S"], a["BLOCK_N"]),
-    "_ln_bwd_kernel": lambda a: a.get("rows_per_program", 1),
-    "_ce_fwd_kernel": lambda a: _cdiv(a["V"], a["BLOCK_V"]),
-    "_ce_bwd_kernel": lambda a: _cdiv(a["V"], a["BLOCK_V"]),
+    "_ln_bwd_kernel": lambda a: _cdiv(a["rows_per_program"], 2),  # two rows an iteration
+    "_bias_gelu_bwd_kernel": lambda a: _cdiv(a["rows_per_program"], a["BLOCK_M"]),
+    "_ce_kernel": lambda a: _cdiv(a["V_load"], a["BLOCK_V"]),  # each pass over the vocabulary
 }
 
 
@@ -93,7 +99,7 @@ def _nbytes(shape, dtype) -> int:
 
 
 def _tensor_bytes(args: dict) -> int:
-    return sum(_nbytes(v.shape, v.dtype) for v in args.values() if isinstance(v, torch.Tensor))
+    return sum(_nbytes(v.shape, v.dtype) for v in args.values() if isinstance(v, TensorSpec))
 
 
 def _roof(terms: dict, efficiency: float = 1.0) -> tuple[float, str]:
@@ -103,7 +109,10 @@ def _roof(terms: dict, efficiency: float = 1.0) -> tuple[float, str]:
 
 def triton_cost(launch: TritonLaunch, binary: KernelBinary) -> Cost:
     trips = int(MAIN_LOOP_TRIPS.get(launch.name, lambda a: 1)(launch.args))
-    loop, straight = binary.loop_sass, binary.straight_sass
+    straight = binary.straight_sass
+    # An MMA kernel's other loops are masked tails, with no block left for full packed blocks; an
+    # elementwise kernel's loops are passes over the same extent (a row, the vocabulary): all run.
+    loop = binary.loop_sass if binary.mma_flops(binary.loop_sass) else binary.all_loop_sass
     warps = launch.ctas * binary.num_warps
     instructions = warps * (len(straight) + len(loop) * trips)
     flops = warps * (binary.mma_flops(straight) + binary.mma_flops(loop) * trips)
@@ -129,7 +138,7 @@ def torch_cost(op: TorchOp) -> Cost | None:
         return None
     dram = sum(_nbytes(s, d) for s, d in op.inputs + op.outputs)
     flops = 0.0
-    if op.name in GEMMS:
+    if is_gemm(op):
         (m, k), n = op.inputs[-2][0][-2:], op.inputs[-1][0][-1]
         batch = math.prod(op.inputs[-2][0][:-2])
         flops = 2.0 * batch * m * n * k

@@ -133,7 +133,7 @@ def analyse(cfg: StepConfig, commit: str) -> tuple[list[dict], dict, list]:
             cost = cost_model.torch_cost(ev)
             if cost is None:
                 continue
-            category = "gemm" if ev.name in cost_model.GEMMS else "glue"
+            category = "gemm" if cost_model.is_gemm(ev) else "glue"
         launches += 1
         total[category + "_s"] += cost.seconds
         total[category + "_bytes"] += cost.dram_bytes

@@ -84,6 +84,10 @@ class KernelBinary:
         return [s for i, s in enumerate(self.sass) if i not in inside]
 
     @property
+    def all_loop_sass(self) -> list[str]:
+        return [s for lp in self.loops for s in self.sass[lp.start : lp.end + 1]]
+
+    @property
     def loop_instructions(self) -> int:
         return self.main_loop.size if self.main_loop else 0
 

@@ -21,6 +21,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,11 +34,19 @@ from kernels import _utils
 SM90 = GPUTarget("cuda", 90, 32)
 
 
+class TensorSpec(NamedTuple):
+    """What the cost model needs of a tensor argument. No reference to the tensor itself is kept:
+    holding one would make autograd copy the gradients the kernels produce instead of reusing them."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+
 @dataclass
 class TritonLaunch:
     name: str  # the @triton.jit function's name
     grid: tuple[int, int, int]
-    args: dict  # bound arguments by name: tensors (meta), ints, floats, constexprs
+    args: dict  # bound arguments by name: TensorSpec for tensors, ints, floats, constexprs
     num_warps: int
     num_stages: int
     kernel: object  # triton CompiledKernel for sm_90
@@ -103,7 +112,8 @@ class _AtenRecorder(TorchDispatchMode):
             self.events.append(
                 TorchOp(
                     name=str(func),
-                    inputs=_tensor_specs(list(args) + list(kwargs.values())),
+                    # an `out=` tensor is written, not read: it is counted once, as the output
+                    inputs=_tensor_specs(list(args) + [v for k, v in kwargs.items() if k != "out"]),
                     outputs=_tensor_specs(out),
                     is_view=bool(getattr(func, "is_view", False)),
                 )
@@ -126,6 +136,10 @@ def trace_launches(nonzero_fraction: float = 0.15):
         kernel = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
         bound = dict(zip(self.arg_names, args))
         bound.update({k: v for k, v in kwargs.items() if k in self.arg_names})
+        bound = {
+            k: TensorSpec(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
+            for k, v in bound.items()
+        }
         g = grid(bound) if callable(grid) else grid
         g = tuple(int(x) for x in g) + (1,) * (3 - len(g))
         events.append(TritonLaunch(self.fn.__name__, g, bound, *_options(self, kwargs), kernel))
