@@ -32,6 +32,7 @@ COLUMNS = [
 
 def _measure(cfg) -> dict[str, list[float]]:
     from roberta_ds.config import model_preset
+    from roberta_ds.data.masking import masked_positions, max_masked
     from roberta_ds.model import RobertaMLM
 
     mcfg = model_preset(
@@ -40,12 +41,15 @@ def _measure(cfg) -> dict[str, list[float]]:
     model = RobertaMLM(mcfg).to("cuda", torch.bfloat16).train()
     B, S = cfg.micro_batch, cfg.seq_len
     ids = torch.randint(4, mcfg.vocab_size, (B, S), device="cuda")
-    labels = torch.where(torch.rand(B, S, device="cuda") < 0.15, ids, -100)
+    chosen = torch.rand(B, S, device="cuda").argsort(dim=1)[:, : int(0.15 * S)]  # 15% of each row
+    labels = torch.full_like(ids, -100).scatter(1, chosen, ids.gather(1, chosen))
     segments = (torch.arange(S, device="cuda") // 128).expand(B, S) if cfg.document_mask else None
     mask = torch.ones(B, S, dtype=torch.long, device="cuda")
+    positions = masked_positions(labels, max_masked(S, 0.15))  # as the collator hands them over
 
     def step():
-        model(ids, attention_mask=mask, labels=labels, segment_ids=segments).loss.backward()
+        out = model(ids, attention_mask=mask, labels=labels, segment_ids=segments, mlm_positions=positions)
+        out.loss.backward()
 
     for _ in range(2):  # compile and warm up
         step()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import itertools
 import json
 import subprocess
@@ -61,6 +62,7 @@ class StepConfig:
 def trace_step(cfg: StepConfig) -> tuple[list, object]:
     """Launch sequence of one training forward + backward (bf16) of `cfg` on meta tensors."""
     from roberta_ds.config import model_preset
+    from roberta_ds.data.masking import max_masked
     from roberta_ds.model import RobertaMLM
 
     mcfg = model_preset(
@@ -73,8 +75,13 @@ def trace_step(cfg: StepConfig) -> tuple[list, object]:
         mask = torch.empty(B, S, dtype=torch.long)  # the collator always passes one
         segments = torch.empty(B, S, dtype=torch.long) if cfg.document_mask else None
         labels = torch.empty(B, S, dtype=torch.long)
-    with trace.trace_launches() as events:
-        out = model(ids, attention_mask=mask, labels=labels, segment_ids=segments)
+        # the collator's fixed-size masked positions: the training step's sync-free gather
+        positions = torch.empty(B, max_masked(S, 0.15), dtype=torch.long)
+    extra = (
+        {"mlm_positions": positions} if "mlm_positions" in inspect.signature(model.forward).parameters else {}
+    )
+    with trace.trace_launches() as events:  # (a model from before mlm_positions gathers with nonzero)
+        out = model(ids, attention_mask=mask, labels=labels, segment_ids=segments, **extra)
         out.loss.backward()
     return events, mcfg
 
