@@ -1,9 +1,13 @@
+import importlib
+
 import pytest
 import torch
 
 from kernels import attention, attention_ref
 from kernels.attention import attention_dropout_keep, attention_dropout_rate, attention_qkvpacked
 from tests.kernels.conftest import ATOL, DEVICE, DTYPES, check_close
+
+A = importlib.import_module("kernels.attention")  # the module (kernels.attention is also the function)
 
 CASES = [  # (B, S, H, D, lengths): ragged lengths, a row with one real token, S not a block multiple
     (2, 77, 2, 64, [77, 1]),
@@ -70,6 +74,39 @@ def test_attention_forward_and_gradients(B, S, H, D, lengths, dtype):
     out = run_all(B, S, H, D, dtype, kpm=padding_mask(B, S, lengths))
     compare(out, dtype, S)
     assert out["kernel"][0].dtype == dtype
+
+
+def _autotune_cases():
+    """Every config of every kernel's autotuning space, for the two tile classes (head_dim <= 64, > 64)."""
+    for D in (32, 128):
+        for dropout in (False, True):
+            for kernel in A.KERNELS:
+                for c in A.autotune_space(kernel, D, torch.float16, dropout):
+                    tiles = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+                    yield pytest.param(kernel, D, dropout, c, id=f"{kernel}-d{D}-p{int(dropout)}-{tiles}")
+
+
+@pytest.mark.parametrize("kernel, D, dropout, config", list(_autotune_cases()))
+def test_every_autotune_config_in_fp32(kernel, D, dropout, config):
+    """The launchers at one config of `kernel` (the others at their defaults), with ragged padding,
+    documents and dropout, against the fp64 reference: any tile the autotuner may pick is correct."""
+    B, S, H = 2, 70, 1
+    kpm, seg = padding_mask(B, S, [70, 37]), packed_segments(B, S, [[], [20]])
+    p, seed, scale = attention_dropout_rate(0.2 if dropout else 0.0), 5, D**-0.5
+    qkv64 = torch.randn(B, S, 3, H, D, dtype=torch.float64, device=DEVICE)
+    do64 = torch.randn(B, S, H, D, dtype=torch.float64, device=DEVICE)
+    keep = attention_dropout_keep(seed, B, H, S, p, DEVICE) if dropout else None
+    bwd_configs = {} if kernel == "fwd" else {f"{kernel}_config": config}
+    q, k, v, kpm8, seg32 = A._prep(*qkv64.float().unbind(2), kpm, seg)
+    o, lse = A.attention_fwd(q, k, v, kpm8, seg32, scale, p, seed, config=config if kernel == "fwd" else None)
+    dqkv = A.attention_bwd(do64.float(), q, k, v, o, lse, kpm8, seg32, scale, p, seed, **bwd_configs)
+    out = {"kernel": (o, dqkv)}
+    for name, dt in (("torch", torch.float32), ("ref", torch.float64)):
+        x = qkv64.to(dt).requires_grad_()
+        ref = attention_ref(*x.unbind(2), kpm, scale, seg, dropout_p=p, keep=keep)
+        ref.backward(do64.to(dt))
+        out[name] = (ref, x.grad)
+    compare(out, torch.float32, S)
 
 
 def test_contiguous_inputs_and_explicit_scale():
