@@ -54,6 +54,10 @@ class ModelConfig:
     # Which implementation runs the hot ops: 'triton' (fused kernels, needs CUDA), 'torch'
     # (the pure-PyTorch references), or 'auto' (triton on CUDA, torch elsewhere).
     kernels: KernelBackend = "auto"
+    # Recompute each encoder layer in the backward instead of storing its activations: only the
+    # layer's (B, S, D) input stays alive per layer (model/roberta.py). Like `kernels`, it changes
+    # how the forward runs, not what it computes, so a run may switch it between sessions.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:

@@ -2,6 +2,27 @@
 RobertaForMaskedLM (see model/hf.py for the state-dict mapping).
 
 Legend: B batch, S sequence, D hidden, H heads, V vocabulary, N selected (masked) tokens.
+
+Activation checkpointing (`model.activation_checkpointing`) wraps each encoder layer in
+torch.utils.checkpoint(use_reentrant=False): the forward keeps only the layer's input (B, S, D) and
+the backward runs the layer again to rebuild what its ops saved. Why torch's and not
+deepspeed.checkpointing:
+- Dropout masks: the Triton kernels draw one seed per call from torch's CPU generator
+  (kernels/_utils.new_seed) and the reference path draws from the device generator; torch's
+  preserve_rng_state restores both (CPU always, CUDA for the inputs' devices) before the recompute,
+  so it draws the same seeds and masks, and the original graph's ctx.seed agrees with the recomputed
+  saved tensors (tests/model/test_activation_checkpointing.py: loss and every gradient equal).
+  DeepSpeed's restores them too, so this does not decide it.
+- ZeRO-3: the recompute fires DeepSpeed's module hooks again, which gather the layer's parameters
+  inside the backward and re-partition them after it. The non-reentrant recompute saves trainable
+  parameters detached, so that re-partition cannot shrink what the backward uses (the known failure,
+  deepspeedai/DeepSpeed#8130, needs frozen parameters; we have none), and it runs inside the one
+  backward pass instead of a nested one, the mode DeepSpeed's reentrant path needed fixes for
+  (#7780; #988 for shared weights). A recompute whose saved tensors differ in shape or dtype
+  raises CheckpointError; equal values (the dropout masks) are what the test checks.
+- deepspeed.checkpointing is process-global (configure() before use), copies inputs to the
+  accelerator, and its extras (partition_activations across model-parallel ranks, CPU checkpoints)
+  buy nothing without model parallelism; torch's also runs plain on CPU and without an engine.
 """
 
 from __future__ import annotations
@@ -10,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from roberta_ds.config import ModelConfig
 from roberta_ds.data.masking import IGNORE_INDEX
@@ -74,8 +96,14 @@ class RobertaMLM(nn.Module):
         ops = self.ops
         key_padding_mask_BS = attention_mask_BS.bool() if attention_mask_BS is not None else None
         x_BSD = self.embeddings(input_ids_BS, ops)
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x_BSD = layer(x_BSD, key_padding_mask_BS, segment_ids_BS, ops)
+            if recompute:
+                x_BSD = checkpoint(
+                    layer, x_BSD, key_padding_mask_BS, segment_ids_BS, ops, use_reentrant=False
+                )
+            else:
+                x_BSD = layer(x_BSD, key_padding_mask_BS, segment_ids_BS, ops)
         return x_BSD
 
     def forward(

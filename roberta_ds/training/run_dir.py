@@ -14,7 +14,7 @@ from roberta_ds.training.checkpoint import CheckpointError, manifest
 
 LOCK_FILE = ".lock"
 # Settings that may change between the sessions of one run (how it runs, not what it trains).
-RUNTIME_ONLY = {"kernels", "num_workers", "cache_dir"}
+RUNTIME_ONLY = {"kernels", "activation_checkpointing", "num_workers", "cache_dir"}
 
 
 def lock(run_dir: Path) -> int:
