@@ -10,6 +10,10 @@ The batch also carries `mlm_positions` (B, K): each row's chosen positions, padd
 (label IGNORE_INDEX) to K = max_masked(S), which bounds the count above whatever the draw. The model
 gathers exactly those B*K rows for its head, so the step needs no `nonzero` (no host-device sync) and
 the head's shapes are fixed for a given (B, S).
+
+`MaskedBlocks` is the dataset a standard DataLoader reads: item (position, index) is block `index`
+masked for global position `position` (what GlobalOrderSampler yields), and `collate` stacks the
+items into a batch. `MLMCollator` does both in one call for code that picks its own items.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ def masked_positions(labels_BS: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(unlabelled_BS, dim=1, stable=True)[:, :k]
 
 
-class MLMCollator:
+class MaskedBlocks(torch.utils.data.Dataset):
+    """A dataset of packed blocks as the DataLoader serves it: masked, keyed by (position, index)."""
+
     def __init__(
         self,
         dataset,
@@ -67,16 +73,20 @@ class MLMCollator:
         out[to_rand] = self.random_pool[torch.randint(len(self.random_pool), (len(to_rand),), generator=g)]
         return out, labels
 
-    def __call__(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        """items: (global position, block index) pairs from GlobalOrderSampler."""
-        ids, labels, segs = [], [], []
-        for position, index in items:
-            block = self.dataset[index]
-            x, y = self.mask(block["input_ids"], position)
-            ids.append(x)
-            labels.append(y)
-            segs.append(block["segment_ids"])
-        input_ids, labels_BS = torch.stack(ids), torch.stack(labels)
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """item: (global position, block index), as GlobalOrderSampler yields them."""
+        position, index = item
+        block = self.dataset[index]
+        input_ids, labels = self.mask(block["input_ids"], position)
+        return {"input_ids": input_ids, "labels": labels, "segment_ids": block["segment_ids"]}
+
+    def collate(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Items -> a batch of (B, S) tensors with the padding mask and `mlm_positions` (B, K)."""
+        input_ids = torch.stack([s["input_ids"] for s in samples])
+        labels_BS = torch.stack([s["labels"] for s in samples])
         batch = {
             "input_ids": input_ids,
             "labels": labels_BS,
@@ -84,5 +94,13 @@ class MLMCollator:
             "mlm_positions": masked_positions(labels_BS, max_masked(input_ids.shape[1], self.p)),
         }
         if self.document_mask:
-            batch["segment_ids"] = torch.stack(segs)
+            batch["segment_ids"] = torch.stack([s["segment_ids"] for s in samples])
         return batch
+
+
+class MLMCollator(MaskedBlocks):
+    """Masks and collates in one call, for code that picks its own items (validation, benchmarks)."""
+
+    def __call__(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """items: (global position, block index) pairs."""
+        return self.collate([self[item] for item in items])

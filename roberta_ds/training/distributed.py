@@ -30,7 +30,9 @@ def _under_mpi() -> bool:
 
 
 def fill_env_from_slurm() -> None:
-    """srun starts one task per GPU and sets SLURM_PROCID etc.; map them onto torch's variables."""
+    """srun starts one task per GPU and sets SLURM_PROCID etc.; map them onto torch's variables.
+    The one owner of this mapping: slurm/pretrain.sbatch runs `srun python train.py` and sets none
+    of RANK, LOCAL_RANK, WORLD_SIZE itself (a launcher under srun, e.g. DeepSpeed's, sets RANK: kept)."""
     env = os.environ
     # Only inside an srun step (SLURM_STEP_ID): the batch script itself is one process, not the job's tasks.
     if "RANK" in env or "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:

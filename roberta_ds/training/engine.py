@@ -1,5 +1,8 @@
-"""The training loop on DeepSpeed: build (data, model under zero.Init, AdamW, schedule), fit,
-validate, checkpoint, stop on preemption.
+"""The training loop on DeepSpeed: check the inputs, build (data, model and weights from
+training/builders.py; AdamW and the schedule), fit, validate, checkpoint, stop on preemption.
+
+The loss is fairseq's RoBERTa loss: the sum over every masked token of the global batch over their
+number (token_weights), whatever the split into ranks and accumulation steps.
 
 Exactness: each optimizer step reseeds torch's RNG from (seed, step, rank), and masks come from
 (seed, global sample position), so a resumed run replays the uninterrupted one step for step.
@@ -13,7 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -21,23 +23,26 @@ import numpy as np
 import torch
 import yaml
 
-from roberta_ds.config import ConfigError, RunConfig
-from roberta_ds.data.corpus import builtin_dataset_dir, prepare_builtin
-from roberta_ds.data.dataset import DatasetError, read_metadata
-from roberta_ds.data.masking import MLMCollator
-from roberta_ds.data.mixture import check_compatible, open_train, open_valid
-from roberta_ds.data.sampler import GlobalOrderSampler, seq_len_at
-from roberta_ds.model import RobertaMLM, load_hf
+from roberta_ds.config import RunConfig
+from roberta_ds.data.masking import IGNORE_INDEX
+from roberta_ds.data.sampler import seq_len_at
+from roberta_ds.model import RobertaMLM
 from roberta_ds.training import checkpoint, ds_config
+from roberta_ds.training.builders import (
+    build_data,
+    build_loader,
+    build_model,
+    check_datasets,
+    copy_tokenizer,
+    for_world,
+)
 from roberta_ds.training.distributed import (
     all_agree,
-    barrier,
     device,
     expected_local_world_size,
     expected_rank,
     expected_world_size,
     init_distributed,
-    rank0_does,
 )
 from roberta_ds.training.loggers import build_loggers
 from roberta_ds.training.metrics import MetricsLog, peak_flops
@@ -47,7 +52,6 @@ from roberta_ds.training.preemption import (
     EXIT_PREEMPTED,
     PREEMPTED_MARKER,
     StopFlag,
-    ignore_stop_signals,
     watch_launcher,
 )
 from roberta_ds.training.preflight import preflight
@@ -63,22 +67,17 @@ def dropout_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
 
 
-def copy_tokenizer(data_dir: Path, run_dir: Path) -> None:
-    """The run folder keeps its own tokenizer, so export needs nothing but the run folder."""
-    dst = run_dir / "tokenizer"
-    if dst.is_dir():
-        return
-    tmp = run_dir / ".tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(data_dir / "tokenizer", tmp)
-    tmp.rename(dst)
+def token_weights(num_masked_K: torch.Tensor, total_masked: torch.Tensor, world: int) -> torch.Tensor:
+    """(K,) fp64 weights w_k = n_k * K * world / N for the K micro-batches of one rank's step, where
+    n_k is micro-batch k's masked-token count and N the global batch's (all ranks, all K).
 
-
-class _Keys(torch.utils.data.Dataset):
-    """The sampler yields whole micro-batches of (position, index); the collator does the work."""
-
-    def __getitem__(self, items):
-        return items
+    DeepSpeed averages the backward losses over the K accumulation steps and the world's ranks, so
+    backpropagating w_k * mean_k makes the update that of sum_{k,r} n_kr * mean_kr / N: fairseq's
+    RoBERTa loss, the sum over every masked token of the global batch over their number, instead of
+    a mean of per-micro-batch means (which overweights the tokens of sparsely masked micro-batches).
+    """
+    scale = len(num_masked_K) * world / total_masked.double().clamp(min=1)
+    return num_masked_K.double() * scale
 
 
 class Trainer:
@@ -100,7 +99,7 @@ class Trainer:
         self.global_batch = ds_cfg["train_batch_size"]
         self.micro_batch = ds_cfg["train_micro_batch_size_per_gpu"]
         self.accum = ds_cfg["gradient_accumulation_steps"]
-        self._build_data()
+        self.data = build_data(cfg, self.global_batch, self.resume_from)
         model = self._build_engine(ds_cfg)
         self.step, self.samples, self.tokens, self.nonfinite = 0, 0, 0, 0
         if self.resume_from is not None:
@@ -109,7 +108,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             (self.run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
-            copy_tokenizer(self.data_dir, self.run_dir)
+            copy_tokenizer(self.data.folder, self.run_dir)
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl",
             enabled=self.rank == 0,
@@ -129,7 +128,7 @@ class Trainer:
         world = expected_world_size()
         ds_cfg = ds_config.for_engine(ds_raw, world, self.run_dir)
         if self.cfg.data.dataset != "builtin":  # derives model.vocab_size and data.seq_len
-            self._check_datasets(self.cfg.data.folders, ds_cfg["train_batch_size"])
+            check_datasets(self.cfg, self.cfg.data.folders, ds_cfg["train_batch_size"])
         if expected_rank() == 0:  # held until the process exits; the OS releases it on any death
             self._lock = run_dir_lock(self.run_dir)
         check_run_dir(self.cfg, self.run_dir)
@@ -151,52 +150,14 @@ class Trainer:
         )
         return ds_cfg
 
-    def _build_data(self) -> None:
-        self.data_dir = self._dataset()  # the first dataset's: its tokenizer is the run's
-        folders = self.cfg.data.folders if self.cfg.data.dataset != "builtin" else [self.data_dir]
-        meta = self._check_datasets(folders, self.global_batch)
-        if self.resume_from is not None:
-            check_resume_model(self.resume_from, dataclasses.asdict(self.cfg.model))
-        self.seq_len = meta["seq_len"]  # the prepared length; data.seq_len_schedule may serve shorter
-        sp, d = meta["special_tokens"], self.cfg.data
-        self.train_set, self.order = open_train(
-            folders, d.weights, d.seq_len_schedule, self.global_batch, self.cfg.train.seed
-        )
-        self.valid_set = open_valid(folders)
-
-        def collator(dataset, seed):
-            return MLMCollator(
-                dataset,
-                meta["vocab_size"],
-                sp["mask"],
-                [sp["bos"], sp["pad"], sp["eos"], sp["unk"]],
-                seed,
-                d.mlm_probability,
-                d.mask_replace_prob,
-                d.random_replace_prob,
-                d.document_mask,
-            )
-
-        self.collate = collator(self.train_set, self.cfg.train.seed)
-        self.valid_collate = collator(self.valid_set, self.cfg.train.seed + 1)  # fixed masks for validation
-
     def _build_engine(self, ds_cfg: dict) -> RobertaMLM:
         import deepspeed
 
         t = self.cfg.train
-        torch.manual_seed(t.seed)
-        stage3 = ds_config.zero_stage(ds_cfg) == 3
-        # ZeRO-3: parameters are partitioned as each module is built, so a large model never sits
-        # whole on one rank; initial values are then written through GatheredParameters.
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=stage3):
-            model = RobertaMLM(self.cfg.model)
-        self._init_weights(model, stage3)
+        model = build_model(self.cfg, ds_cfg)
         opt = build_optimizer(model, t, offload=ds_config.offloads_optimizer(ds_cfg))
-        saved = checkpoint.saved_world_size(self.resume_from) if self.resume_from else 0
-        if saved and saved != self.world:  # ZeRO shards are per rank: go through the universal format
-            self.resume_from = checkpoint.to_universal(self.resume_from)
-            ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
-            self._log(f"resuming a {saved}-rank checkpoint on {self.world} ranks via {self.resume_from}")
+        if self.resume_from is not None:
+            self.resume_from = for_world(self.resume_from, self.world, ds_cfg)
         # The schedule is built on the optimizer DeepSpeed wraps (ZeRO regroups parameters).
         self.engine, _, _, self.sched = deepspeed.initialize(
             model=model,
@@ -220,115 +181,27 @@ class Trainer:
         if (self.rank if rank is None else rank) == 0:
             log.info(msg)
 
-    def _check_datasets(self, folders: list[Path], global_batch: int) -> dict:
-        """Every dataset read (several in a mixture: one tokenizer, one seq_len); the first's metadata."""
-        meta = check_compatible(folders)
-        for folder in folders:
-            self._check_dataset(folder, global_batch)
-        return meta
+    def _train_step(self, micro: list[dict]) -> float:
+        """One optimizer step over this rank's micro-batches (on the host); returns the loss, the
+        token-weighted mean over the global batch's masked tokens (fairseq's)."""
+        w_K = self._loss_weights(micro)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch, w in zip(micro, w_K):
+            out = self.engine(**self._to_device(batch))
+            self.engine.backward(out.loss * w)
+            self.engine.step()
+            loss_sum += out.loss.detach().float() * w
+        torch.distributed.all_reduce(loss_sum)
+        return loss_sum.item() / (self.accum * self.world)
 
-    def _check_dataset(self, folder: Path, global_batch: int) -> dict:
-        """The dataset owns vocab size and block length: derive them (a stated value must agree),
-        and check that it can feed this run."""
-        meta = read_metadata(folder)
-        m, d, t, stated = self.cfg.model, self.cfg.data, self.cfg.train, self.cfg.stated
-        if "model.vocab_size" in stated and meta["vocab_size"] != m.vocab_size:
-            raise ConfigError(
-                f"the tokenizer of {folder} has {meta['vocab_size']} tokens but "
-                f"model.vocab_size={m.vocab_size}; set model.vocab_size: {meta['vocab_size']} or leave it out"
-            )
-        if d.dataset != "builtin" and "data.seq_len" in stated and meta["seq_len"] != d.seq_len:
-            raise ConfigError(
-                f"{folder} holds blocks of {meta['seq_len']} tokens but data.seq_len={d.seq_len}; "
-                "leave data.seq_len out (the dataset sets it) or prepare the data again"
-            )
-        if meta["seq_len"] > m.max_seq_len:
-            raise ConfigError(
-                f"{folder} has seq_len={meta['seq_len']}, above the model's {m.max_seq_len} positions"
-            )
-        longest = max((L for _, L in d.seq_len_schedule or []), default=0)
-        if longest > meta["seq_len"]:
-            raise ConfigError(
-                f"data.seq_len_schedule asks for blocks of {longest} tokens but {folder} holds blocks of "
-                f"{meta['seq_len']}; shorter blocks are cut from prepared ones, longer ones need a new "
-                "prepare"
-            )
-        self.cfg.model = dataclasses.replace(m, vocab_size=meta["vocab_size"])
-        self.cfg.data = dataclasses.replace(d, seq_len=meta["seq_len"])
-        train_blocks = meta["splits"]["train"]["num_blocks"]
-        if train_blocks < global_batch:
-            raise DatasetError(
-                f"{folder}: the train split has {train_blocks} blocks, fewer than one global batch "
-                f"(train_batch_size={global_batch}); add data or lower train_batch_size"
-            )
-        if t.eval_every and meta["splits"].get("valid", {}).get("num_blocks", 0) == 0:
-            raise DatasetError(
-                f"{folder}: the valid split is empty but train.eval_every={t.eval_every}; prepare with "
-                "a smaller --valid-every or set train.eval_every: 0"
-            )
-        if not (folder / "tokenizer").is_dir():
-            raise DatasetError(f"{folder / 'tokenizer'}: tokenizer folder missing; prepare the dataset again")
-        return meta
-
-    def _dataset(self) -> Path:
-        d = self.cfg.data
-        if d.dataset != "builtin":
-            return d.folders[0]
-
-        def build():  # one rank prepares (once, cached); every rank learns whether it worked
-            return prepare_builtin(
-                d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len, progress=self.cfg.train.progress_bar
-            )
-
-        rank0_does(build, DatasetError)
-        barrier()
-        return builtin_dataset_dir(d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len)
-
-    def _init_weights(self, model: RobertaMLM, stage3: bool) -> None:
-        import deepspeed
-
-        hf_sd = None
-        if self.cfg.train.init_from_hf:
-            hf_sd = load_hf(self.cfg.train.init_from_hf).state_dict()
-        elif not stage3:
-            return  # RobertaMLM.__init__ already initialised the whole (unpartitioned) model
-        for name, module in model.named_modules():
-            params = list(module.parameters(recurse=False))
-            if not params:
-                continue
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=stage3):
-                if hf_sd is None:
-                    model._init_weights(module)
-                else:
-                    for pname, p in module.named_parameters(recurse=False):
-                        full = f"{name}.{pname}" if name else pname
-                        p.data.copy_(hf_sd[full])
-        if hf_sd is not None:
-            self._log(f"initialised from Hugging Face weights at {self.cfg.train.init_from_hf}")
-
-    def _loader(self):
-        sampler = GlobalOrderSampler(
-            len(self.train_set),
-            self.global_batch,
-            self.micro_batch,
-            self.world,
-            self.rank,
-            self.cfg.train.seed,
-            start=self.samples,
-            order=self.order,
-        )
-        return iter(
-            torch.utils.data.DataLoader(
-                _Keys(),
-                sampler=sampler,
-                batch_size=None,
-                collate_fn=self.collate,
-                num_workers=self.cfg.data.num_workers,
-                persistent_workers=self.cfg.data.num_workers > 0,
-                pin_memory=self.device.type == "cuda",  # so that .to(device, non_blocking=True) overlaps,
-                worker_init_fn=functools.partial(ignore_stop_signals, (self.cfg.train.preempt_signal,)),
-            )
-        )
+    def _loss_weights(self, micro: list[dict]) -> torch.Tensor:
+        """(K,) fp32 on the device: each micro-batch's loss weight for token_weights (one all-reduce
+        of the step's masked-token count; the counts come from the host's labels, no device sync)."""
+        counts_K = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro])
+        counts_K = counts_K.to(self.device, non_blocking=True)
+        total = counts_K.sum()
+        torch.distributed.all_reduce(total)
+        return token_weights(counts_K, total, self.world).float()  # the loss's precision (fp32)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -364,7 +237,11 @@ class Trainer:
         if self.step >= t.max_steps:  # a finished run run again: nothing to train, nothing rewritten
             self._log(f"the run is complete at step {self.step} (train.max_steps={t.max_steps})")
             return 0
-        batches = self._loader()
+        batches = iter(
+            build_loader(
+                self.data, self.cfg, self.global_batch, self.micro_batch, self.world, self.rank, self.samples
+            )
+        )
         self.engine.train()
         from tqdm import tqdm
 
@@ -378,7 +255,7 @@ class Trainer:
         self._log(
             f"training: world {self.world}, global batch {self.global_batch} = micro {self.micro_batch} x "
             f"accumulation {self.accum} x {self.world} ranks, "
-            f"seq {self.cfg.data.seq_len_schedule or self.seq_len}, {self.precision}, "
+            f"seq {self.cfg.data.seq_len_schedule or self.data.seq_len}, {self.precision}, "
             f"kernels {self.engine.module.ops.backend}"
         )
         t_last, tokens_last, flops_last = time.perf_counter(), 0, 0.0
@@ -392,15 +269,8 @@ class Trainer:
                 return EXIT_PREEMPTED
             torch.manual_seed(dropout_seed(t.seed, self.step, self.rank))
             lr = self.sched.get_last_lr()[0]  # this step's; the scheduler moves on inside engine.step()
-            seq = seq_len_at(self.cfg.data.seq_len_schedule, self.step, self.seq_len)  # the sampler's too
-            loss_sum = torch.zeros((), device=self.device)
-            for _ in range(self.accum):
-                out = self.engine(**self._to_device(next(batches)))
-                self.engine.backward(out.loss)
-                self.engine.step()
-                loss_sum += out.loss.detach().float()
-            torch.distributed.all_reduce(loss_sum)
-            loss = loss_sum.item() / (self.accum * self.world)
+            seq = seq_len_at(self.cfg.data.seq_len_schedule, self.step, self.data.seq_len)  # the sampler's
+            loss = self._train_step([next(batches) for _ in range(self.accum)])
             self.step += 1
             self.samples += self.global_batch
             self.tokens += self.global_batch * seq
@@ -468,14 +338,14 @@ class Trainer:
     def evaluate(self) -> dict:
         """MLM loss, perplexity and masked-token accuracy on the held-out split (fixed masks)."""
         self.engine.eval()
-        n = len(self.valid_set)
+        n = len(self.data.valid)
         per_rank = self.micro_batch
         n_batches = min(self.cfg.train.eval_batches, max(1, math.ceil(n / (per_rank * self.world))))
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss x masked, masked, correct
         for b in range(n_batches):
             base = (b * self.world + self.rank) * per_rank
             items = [(q, q % n) for q in range(base, base + per_rank)]  # wraps: every rank runs equal batches
-            out = self.engine(**self._to_device(self.valid_collate(items)))
+            out = self.engine(**self._to_device(self.data.valid(items)))
             m = out.num_masked.double()
             sums += torch.stack([out.loss.double() * m, m, out.correct.double()])
         torch.distributed.all_reduce(sums)

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_config(path: Path, dataset: Path, run_dir: Path, **train) -> Path:
+def write_config(path: Path, dataset: Path, run_dir: Path, model: dict | None = None, **train) -> Path:
     import yaml
 
     cfg = {
@@ -18,6 +18,7 @@ def write_config(path: Path, dataset: Path, run_dir: Path, **train) -> Path:
             "intermediate_size": 128,
             "max_position_embeddings": 66,
             "kernels": "torch",
+            **(model or {}),
         },
         "data": {"dataset": str(dataset), "seq_len": 64, "num_workers": 0},
         "train": {

@@ -1,6 +1,7 @@
 """Launch paths beside torchrun/deepspeed: mpirun with mpi4py discovery, and a bounded rendezvous."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,3 +71,35 @@ def test_unreachable_master_fails_within_the_rendezvous_timeout(kjv_dataset, tmp
     assert res.returncode == 3, res.stderr[-3000:]
     assert f"could not join the process group at master 127.0.0.1:{port} within 5 s" in res.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+SLURM_TASK = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.mark.parametrize(
+    "given, want",
+    [
+        (SLURM_TASK, {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}),  # a task of `srun python train.py`
+        ({**SLURM_TASK, "SLURM_STEP_NUM_TASKS": "2"}, {"RANK": "3", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}),
+        ({**SLURM_TASK, "RANK": "5", "WORLD_SIZE": "8"}, {"RANK": "5", "WORLD_SIZE": "8"}),  # a launcher's
+        ({k: v for k, v in SLURM_TASK.items() if k != "SLURM_STEP_ID"}, {}),  # the batch script itself
+    ],
+)
+def test_slurm_task_variables_map_onto_torchs(monkeypatch, given, want):
+    from roberta_ds.training.distributed import fill_env_from_slurm
+
+    for key in (*TORCH_VARS, "SLURM_STEP_NUM_TASKS", *SLURM_TASK):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    for key, value in given.items():
+        monkeypatch.setenv(key, value)
+    fill_env_from_slurm()
+    assert {k: os.environ[k] for k in TORCH_VARS if k in os.environ} == want
+
+
+def test_the_slurm_scripts_leave_the_rank_mapping_to_python():
+    """One owner: no script under slurm/ sets torch's rank variables (fill_env_from_slurm does)."""
+    for script in (ROOT / "slurm").iterdir():
+        assert not re.search(r"\b(RANK|LOCAL_RANK|WORLD_SIZE)=", script.read_text()), script

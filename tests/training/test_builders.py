@@ -1,0 +1,32 @@
+"""The builders the loop starts from: a standard DataLoader (MaskedBlocks + batch_sampler +
+collate_fn) serves exactly the batches the collator gives for the sampler's items, with or without
+workers, so masks (and exact resume) do not depend on how the data is loaded."""
+
+import itertools
+
+import pytest
+import torch
+
+from roberta_ds.config import load_run_config
+from roberta_ds.data.sampler import GlobalOrderSampler
+from roberta_ds.training.builders import build_data, build_loader
+from tests.training.conftest import write_config
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_dataloader_serves_the_collators_batches(kjv_dataset, tmp_path, workers):
+    path = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run")
+    cfg = load_run_config(path, {"data": {"num_workers": workers, "document_mask": True}})
+    data = build_data(cfg, global_batch=8, resume_from=None)
+    loader = build_loader(data, cfg, global_batch=8, micro_batch=2, world=2, rank=1, start=40)
+    sampler = GlobalOrderSampler(len(data.train), 8, 2, 2, 1, cfg.train.seed, start=40, order=data.order)
+    assert next(iter(sampler))[0][0] == 42  # position 40 on, rank 1's micro-batch of 2
+    for got, items in zip(itertools.islice(loader, 6), sampler):
+        want = data.train.collate([data.train[item] for item in items])
+        assert (
+            got.keys()
+            == want.keys()
+            == {"input_ids", "labels", "attention_mask", "mlm_positions", "segment_ids"}
+        )
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
