@@ -166,7 +166,7 @@ def _fwd_block(
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _attn_fwd_kernel(
     Q_ptr,
     K_ptr,
@@ -309,7 +309,7 @@ def _dq_block(
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _attn_bwd_dq_kernel(
     Q_ptr,
     K_ptr,
@@ -483,7 +483,7 @@ def _dkdv_block(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _attn_bwd_dkdv_kernel(
     Q_ptr,
     K_ptr,
@@ -600,7 +600,7 @@ def _attn_bwd_dkdv_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _attn_keep_kernel(Keep_ptr, S, threshold, seed, BLOCK: tl.constexpr):
     """(B*H, S, S) int8: the dropout keep mask the attention kernels draw (for tests)."""
     bh = tl.program_id(1)

@@ -44,7 +44,7 @@ def _keep(seed, rows, n_quads, threshold, BLOCK_N: tl.constexpr):
     return (r >> 1).to(tl.int32, bitcast=True) >= threshold  # threshold = p * 2^31
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _ln_fwd_kernel(
     X_ptr,  # (M, N)
     R_ptr,  # (M, N) residual, or None
@@ -94,7 +94,7 @@ def _ln_fwd_kernel(
     tl.store(Rstd_ptr + rows, rstd, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _ln_bwd_kernel(
     DY_ptr,  # (M, N)
     H_ptr,  # (M, N) pre-norm sum
@@ -156,7 +156,7 @@ def _ln_bwd_kernel(
     tl.store(DB_ptr + pid * N + cols, db, mask=cols < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
 def _dropout_keep_kernel(K_ptr, M, N, threshold, seed, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
     cols = tl.arange(0, BLOCK_N)
