@@ -210,8 +210,10 @@ def diff(rows: list[dict], baseline: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(out: Path, rows: list[dict], summaries: list[dict], recipe: str) -> None:
-    """Rows carry `_config` (the configuration they were first seen in) for the markdown only."""
+def write_report(
+    out: Path, rows: list[dict], summaries: list[dict], recipe: str, recipe_rows: list[dict]
+) -> None:
+    """`rows`: every kernel variant once (the CSV); `recipe_rows`: those of the recipe's step (the markdown)."""
     out.mkdir(parents=True, exist_ok=True)
     version = triton.__version__
     kept = [r for r in read_csv(out / "sm90_report.csv") if r["triton"] != version]
@@ -220,7 +222,7 @@ def write_report(out: Path, rows: list[dict], summaries: list[dict], recipe: str
         w.writeheader()
         w.writerows(sorted(kept, key=lambda r: r["triton"]) + rows)
     (out / f"sm90_steps_triton{version}.json").write_text(json.dumps(summaries, indent=1) + "\n")
-    (out / "sm90_report.md").write_text(markdown(rows, summaries, recipe))
+    (out / "sm90_report.md").write_text(markdown(recipe_rows, summaries, recipe))
 
 
 def markdown(rows: list[dict], summaries: list[dict], recipe: str) -> str:
@@ -249,12 +251,11 @@ def markdown(rows: list[dict], summaries: list[dict], recipe: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["_config"] == recipe:
-            lines.append(
-                f"| {r['kernel']} | {r['variant']} | {r['blocks']} | {r['num_warps']}/{r['num_stages']} | {r['regs']} | "
-                f"{r['spill_bytes']} | {int(r['smem_bytes']) / 1024:.1f} | {r['wgmma']} | {r['ctas_per_sm']} | "
-                f"{r['loop_sass']} | {r['loop_trips']} | {r['bound']} | {r['modelled_us']} | {r['launches_per_step']} |"
-            )
+        lines.append(
+            f"| {r['kernel']} | {r['variant']} | {r['blocks']} | {r['num_warps']}/{r['num_stages']} | {r['regs']} | "
+            f"{r['spill_bytes']} | {int(r['smem_bytes']) / 1024:.1f} | {r['wgmma']} | {r['ctas_per_sm']} | "
+            f"{r['loop_sass']} | {r['loop_trips']} | {r['bound']} | {r['modelled_us']} | {r['launches_per_step']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
     rows, summaries = [], []
     steps = configs(args.ds_config, args.presets, args.seq_lens)
     recipe = StepConfig(args.presets[0], max(args.seq_lens), 0.1, False, steps[0].micro_batch).label
-    seen = set()
+    seen, recipe_rows = set(), []
     for cfg in steps:
         cfg_rows, summary, _ = analyse(cfg, commit)
         summaries.append(summary)
@@ -294,10 +295,11 @@ def main(argv=None) -> int:
             f"{cfg.label:<22} modelled {summary['modelled_ms']:>8.2f} ms  MFU {summary['mfu']:.0%}  "
             f"moved {summary['moved_gb']} GB (min {summary['min_gb']})  launches/layer {summary['launches_per_layer']}"
         )
+        recipe_rows = cfg_rows if cfg.label == recipe else recipe_rows
         for r in cfg_rows:
             if _row_key(r) not in seen:
                 seen.add(_row_key(r))
-                rows.append({**r, "_config": cfg.label})
+                rows.append(r)
     for r in rows:
         print(
             f"  {r['kernel']:<24} {r['variant']:<22} {r['preset']:<5} s{r['seq_len']:<4} regs {r['regs']:>3} "
@@ -307,7 +309,7 @@ def main(argv=None) -> int:
     changes = diff(rows, baseline)
     print(f"difference against {args.baseline} (triton {triton.__version__}):")
     print("\n".join(changes) if changes else "  none")
-    write_report(args.out, rows, summaries, recipe)
+    write_report(args.out, rows, summaries, recipe, recipe_rows)
     problems = check(rows)
     for p in problems:
         print(f"CHECK FAILED: {p}", file=sys.stderr)
