@@ -8,7 +8,8 @@ Per launch:  time = max(tensor-core FLOPs / TC_PEAK, DRAM bytes / HBM_BW, L2 byt
   the other loops are masked tails and taken as not run (full packed blocks); in an elementwise
   kernel every loop is a pass over the same extent and runs the main loop's trip count. DRAM bytes are the sizes of the kernel's tensor
   arguments (each read or written once: what the interface needs; re-reads are assumed to hit L2);
-  L2 bytes are the global loads/stores the SASS issues. wave_efficiency = (CTAs / SMs) / ceil(CTAs / SMs).
+  L2 bytes are the global loads/stores the SASS issues, 32 lanes x width per warp instruction (a
+  broadcast load, every lane the same address, is over-counted: addresses are not known statically). wave_efficiency = (CTAs / SMs) / ceil(CTAs / SMs).
 - cuBLAS GEMMs (aten mm/addmm/bmm): 2*M*N*K FLOPs at the measured GEMM rate; bytes = operands.
 - Other aten ops (the glue between kernels): inputs + outputs bytes at HBM bandwidth. View ops and
   allocations cost nothing and launch nothing.
