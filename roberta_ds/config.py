@@ -20,6 +20,7 @@ import yaml
 from roberta_ds.errors import InputError
 
 KernelBackend = Literal["auto", "torch", "triton"]
+Masking = Literal["token", "whole_word", "span"]
 MIN_BPE_VOCAB = 300  # 256 byte tokens + <s> <pad> </s> <unk> <mask>, and some merges
 
 
@@ -113,7 +114,17 @@ class DataConfig:
     tokenizer: str = "train"
     vocab_size: int = 8192
     seq_len: int = 128
+    # The masking rate: of every step without mlm_probability_schedule, and of validation always.
     mlm_probability: float = 0.15
+    # What is masked (data/masking.py): 'token' (RoBERTa), 'whole_word' (every token of a space-led
+    # word; byte-level BPE) or 'span' (SpanBERT's spans of Geometric(span_length_p) tokens, at most
+    # span_max, mean 3.8 for 0.2 and 10).
+    masking: Masking = "token"
+    span_length_p: float = 0.2
+    span_max: int = 10
+    # Masking-rate schedule: [[step, rate], ...] from step 0, linear between points and the last rate
+    # after, e.g. [[0, 0.3], [20000, 0.15]] (Mosaic). null = mlm_probability throughout.
+    mlm_probability_schedule: list[list[int | float]] | None = None
     mask_replace_prob: float = 0.8
     random_replace_prob: float = 0.1
     # Stop attention at document boundaries inside a packed block (Triton kernel and reference both).
@@ -139,6 +150,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         self._check_mixture()
         self._check_schedule()
+        self._check_masking()
         for name in ("mlm_probability", "mask_replace_prob", "random_replace_prob"):
             _require(
                 0.0 <= getattr(self, name) <= 1.0, f"data.{name}={getattr(self, name)} must be in [0, 1]"
@@ -172,6 +184,25 @@ class DataConfig:
                 share >= 1e-4,  # data/mixture.py deals samples in periods of 10,000
                 f"data.dataset.{folder}: weight {share:.2g} of the total is below the 1e-4 resolution",
             )
+
+    def _check_masking(self) -> None:
+        _require(
+            0.0 < self.span_length_p <= 1.0, f"data.span_length_p={self.span_length_p} must be in (0, 1]"
+        )
+        _require(self.span_max >= 1, f"data.span_max={self.span_max} must be >= 1")
+        sched = self.mlm_probability_schedule
+        if sched is None:
+            return
+        key = "data.mlm_probability_schedule"
+        _require(bool(sched), f"{key}: empty; give [[0, rate], ...] or null")
+        for i, entry in enumerate(sched):
+            _require(len(entry) == 2, f"{key}[{i}]: expected [step, rate], got {entry}")
+            step, rate = entry
+            _require(isinstance(step, int) and step >= 0, f"{key}[{i}]: step {step} must be an integer >= 0")
+            _require(0.0 < rate <= 1.0, f"{key}[{i}]: rate {rate} must be in (0, 1]")
+        steps = [s for s, _ in sched]
+        _require(steps[0] == 0, f"{key}: must start at step 0, not {steps[0]}")
+        _require(all(a < b for a, b in zip(steps, steps[1:])), f"{key}: steps {steps} must increase")
 
     def _check_schedule(self) -> None:
         sched = self.seq_len_schedule

@@ -103,7 +103,7 @@ class Data:
     seq_len: int  # the prepared length; data.seq_len_schedule may serve shorter blocks
     train: MaskedBlocks  # item (global position, catalog index) -> masked block
     order: BlockOrder  # global position -> catalog index
-    valid: MLMCollator  # fixed masks (seed + 1)
+    valid: MLMCollator  # fixed masks (seed + 1) at the fixed data.mlm_probability
 
 
 def build_data(cfg: RunConfig, global_batch: int, resume_from: Path | None) -> Data:
@@ -114,27 +114,12 @@ def build_data(cfg: RunConfig, global_batch: int, resume_from: Path | None) -> D
         check_resume_model(resume_from, dataclasses.asdict(cfg.model))
     d, seed = cfg.data, cfg.train.seed
     train_set, order = open_train(folders, d.weights, d.seq_len_schedule, global_batch, seed)
-    sp = meta["special_tokens"]
-
-    def masked(cls: type[MaskedBlocks], dataset, seed: int) -> MaskedBlocks:
-        return cls(
-            dataset,
-            meta["vocab_size"],
-            sp["mask"],
-            [sp["bos"], sp["pad"], sp["eos"], sp["unk"]],
-            seed,
-            d.mlm_probability,
-            d.mask_replace_prob,
-            d.random_replace_prob,
-            d.document_mask,
-        )
-
     return Data(
         folder=folder,
         seq_len=meta["seq_len"],
-        train=masked(MaskedBlocks, train_set, seed),
+        train=MaskedBlocks.from_config(train_set, folder, d, seed, global_batch),
         order=order,
-        valid=masked(MLMCollator, open_valid(folders), seed + 1),
+        valid=MLMCollator.from_config(open_valid(folders), folder, d, seed + 1),
     )
 
 

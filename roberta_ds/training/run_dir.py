@@ -3,13 +3,14 @@ run's checkpoints, and the model config of a checkpoint compared field by field 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 from pathlib import Path
 
 import yaml
 
-from roberta_ds.config import ConfigError, RunConfig
+from roberta_ds.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from roberta_ds.training.checkpoint import CheckpointError, manifest
 
 LOCK_FILE = ".lock"
@@ -37,6 +38,10 @@ def lock(run_dir: Path) -> int:
     return fd
 
 
+def _defaults(kind) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(kind) if f.default is not dataclasses.MISSING}
+
+
 def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     """A new run never overwrites another run's checkpoints."""
     saved = run_dir / "run_config.yaml"
@@ -49,13 +54,11 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     old = yaml.safe_load(saved.read_text()) or {}
     new = cfg.to_dict()
     derived = {"vocab_size"} - {k.split(".")[1] for k in cfg.stated if k.startswith("model.")}
-    for section in ("model", "data"):
-        diff = sorted(
-            k
-            for k in new[section]
-            if k not in RUNTIME_ONLY | (derived if section == "model" else set())
-            and (old.get(section) or {}).get(k) != new[section][k]
-        )
+    for section, kind in (("model", ModelConfig), ("data", DataConfig)):
+        # a key the saved config lacks was added since that run started: it ran with the default
+        was = {**_defaults(kind), **(old.get(section) or {})}
+        free = RUNTIME_ONLY | (derived if section == "model" else set())
+        diff = sorted(k for k in new[section] if k not in free and was.get(k) != new[section][k])
         if diff and cfg.train.resume is not None:
             raise ConfigError(
                 f"{run_dir} holds another run (its {section} differs in {diff}); pick another train.run_dir"

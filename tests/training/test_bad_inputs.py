@@ -340,6 +340,24 @@ def test_runtime_only_settings_may_change_when_resuming(kjv_dataset, tmp_path):
     check_run_dir(cfg, run_dir)  # no error
 
 
+def test_a_run_saved_before_a_key_existed_resumes_with_its_default(kjv_dataset, tmp_path):
+    """Upgrading roberta-ds must not orphan a run: a key its run_config.yaml lacks ran at the default."""
+    from roberta_ds.config import ConfigError, load_run_config
+    from roberta_ds.training.run_dir import check_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_run_config(write_config(tmp_path / "run.yaml", kjv_dataset, run_dir))
+    saved = cfg.to_dict()
+    del saved["data"]["masking"], saved["data"]["span_max"]  # keys added after that run started
+    (run_dir / "run_config.yaml").write_text(yaml.safe_dump(saved))
+    check_run_dir(cfg, run_dir)  # no error
+    text = (tmp_path / "run.yaml").read_text().replace("data:\n", "data:\n  masking: span\n", 1)
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="masking"):
+        check_run_dir(load_run_config(tmp_path / "run.yaml"), run_dir)
+
+
 def test_new_run_never_overwrites_another_runs_checkpoints(kjv_dataset, tmp_path):
     from roberta_ds.config import ConfigError, load_run_config
     from roberta_ds.training.run_dir import check_run_dir
