@@ -47,10 +47,13 @@ def tokenizer_dir(run_dir: Path, run_cfg: dict) -> Path:
     from roberta_ds.data.corpus import builtin_dataset_dir
 
     d = run_cfg["data"]
+    dataset = d["dataset"]
+    if isinstance(dataset, dict):  # a {folder: weight} mixture: its folders share one tokenizer
+        dataset = next(iter(dataset))
     data_dir = (
         builtin_dataset_dir(d["cache_dir"], d["tokenizer"], d["vocab_size"], d["seq_len"])
-        if d["dataset"] == "builtin"
-        else Path(d["dataset"])
+        if dataset == "builtin"
+        else Path(dataset)
     )
     if (data_dir / "tokenizer").is_dir():
         return data_dir / "tokenizer"
