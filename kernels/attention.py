@@ -89,6 +89,10 @@ SM90_SPILLS = frozenset(
         ("fwd", 128, True, 128, 64, 4, 2),
         ("dq", 32, True, 128, 128, 8, 2),
         ("dq", 64, True, 128, 128, 8, 2),
+        ("dq", 64, True, 64, 128, 8, 2),  # these four: once the seed is not specialised (8-120 B)
+        ("dkdv", 64, True, 64, 128, 8, 3),
+        ("dkdv", 64, True, 64, 64, 4, 3),
+        ("dkdv", 128, True, 32, 128, 8, 3),
         ("dq", 128, False, 64, 128, 8, 2),
         ("dq", 128, False, 128, 128, 8, 2),
         ("dq", 128, True, 64, 64, 4, 3),

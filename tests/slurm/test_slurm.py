@@ -49,15 +49,25 @@ def test_sbatch_two_nodes_trains_with_world_size_four(cluster, kjv_dataset, tmp_
     )
 
 
-def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, kjv_dataset, tmp_path):
+@pytest.mark.parametrize(
+    "signal, num_workers",
+    [
+        ("USR1", 0),  # what #SBATCH --signal=USR1@180 sends before the time limit
+        ("TERM", 1),  # what scancel and most preemption policies send; DataLoader workers must not die first
+    ],
+)
+def test_preemption_signal_checkpoints_requeues_and_resumes(
+    cluster, kjv_dataset, tmp_path, signal, num_workers
+):
     cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run", max_steps=120, save_every=0)
+    cfg.write_text(cfg.read_text().replace("num_workers: 0", f"num_workers: {num_workers}"))
     ds = write_ds(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
     jid, log = submit(cluster, tmp_path, cfg, ds)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and max(losses(metrics.parent), default=0) >= 5):
         time.sleep(0.5)
-    cluster.run(["scancel", "--signal=USR1", str(jid)])  # what --signal=USR1@180 sends before the time limit
+    cluster.run(["scancel", f"--signal={signal}", str(jid)])  # to every task of the job's steps
     info = cluster.wait_job(jid, timeout=400, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text[-4000:]

@@ -89,6 +89,9 @@ TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 def test_slurm_task_variables_map_onto_torchs(monkeypatch, given, want):
     from roberta_ds.training.distributed import fill_env_from_slurm
 
+    # a private copy of the environment: fill_env_from_slurm writes RANK/WORLD_SIZE/LOCAL_RANK, which
+    # would otherwise outlive the test and make every later train.py subprocess a rank of 4
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     for key in (*TORCH_VARS, "SLURM_STEP_NUM_TASKS", *SLURM_TASK):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MASTER_ADDR", "node0")
