@@ -71,9 +71,9 @@ def test_heldout_mlm_separates_trained_from_random(trained, kjv_dataset):
 
 
 def test_cli_on_an_hf_folder_writes_json_and_tables(trained, tmp_path, capsys):
-    """The CLI's output and JSON layout. The separation is test_heldout_mlm's job: this 500-step,
-    width-64 model gets no content word right (cloze top-5 0% trained and random, measured at 300 steps), as the
-    Quickstart model before its retuning did; the Quickstart's own figures are in the README."""
+    """The CLI's output and JSON layout. The separation is test_heldout_mlm's job: this tiny width-64
+    model gets no content word right (cloze top-5 0% trained and random, measured at 300 steps), as
+    the Quickstart model before its retuning did; the Quickstart's own figures are in the README."""
     from roberta_ds.evaluate import main
 
     _, hf = trained
