@@ -21,6 +21,7 @@ from roberta_ds.errors import InputError
 
 KernelBackend = Literal["auto", "torch", "triton"]
 Masking = Literal["token", "whole_word", "span"]
+AttentionInit = Literal["normal", "local"]
 MIN_BPE_VOCAB = 300  # 256 byte tokens + <s> <pad> </s> <unk> <mask>, and some merges
 
 
@@ -49,6 +50,11 @@ class ModelConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     initializer_range: float = 0.02
+    # Initial values of the attention path: 'normal' (transformers/fairseq: every weight
+    # N(0, initializer_range)) or 'local' (position and W_q/W_k start so that each head attends to
+    # nearby positions; same architecture and parameters; see model/local_init.py). 'local' lets a
+    # small model leave the uniform-attention plateau in hundreds of steps instead of thousands.
+    attention_init: AttentionInit = "normal"
     pad_token_id: int = 1
     bos_token_id: int = 0
     eos_token_id: int = 2

@@ -24,6 +24,9 @@ class Embeddings(nn.Module):
             cfg.max_position_embeddings, cfg.hidden_size, padding_idx=cfg.pad_token_id
         )
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        # what model/local_init.py overwrites when model.attention_init is 'local'
+        for emb, role in ((self.word, "word"), (self.position, "position"), (self.token_type, "token_type")):
+            emb.init_role = role
         self.norm_weight = nn.Parameter(torch.ones(cfg.hidden_size))
         self.norm_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
 

@@ -20,6 +20,7 @@ class EncoderLayer(nn.Module):
         D, F_ = cfg.hidden_size, cfg.intermediate_size
         self.cfg = cfg
         self.qkv = nn.Linear(D, 3 * D)  # rows: [W_q; W_k; W_v]
+        self.qkv.init_role = "qkv"  # model/local_init.py (model.attention_init: local)
         self.attn_out = nn.Linear(D, D)
         self.attn_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.fc1 = nn.Linear(D, F_, bias=False)

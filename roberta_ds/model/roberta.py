@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from roberta_ds.config import ModelConfig
 from roberta_ds.data.masking import IGNORE_INDEX
+from roberta_ds.model import local_init
 from roberta_ds.model.embeddings import Embeddings
 from roberta_ds.model.layer import EncoderLayer, MLMHead
 from roberta_ds.model.ops import Ops, resolve_ops
@@ -75,6 +76,8 @@ class RobertaMLM(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        if self.cfg.attention_init == "local":
+            local_init.apply_(module, self.cfg)
 
     @property
     def ops(self) -> Ops:
