@@ -137,3 +137,23 @@ def test_cli_refuses_a_folder_that_is_neither(tmp_path, capsys):
 
     assert main([str(tmp_path)]) == 2
     assert "neither a run folder" in capsys.readouterr().err
+
+
+def test_examples_show_hits_then_misses_per_source():
+    """gate.examples: per source, the first per_source // 2 top-1 hits, then the first misses, in item
+    order, each marked; a source without hits shows misses only."""
+    from roberta_ds.evaluation.gate import examples
+
+    # answer ids 0..9; the trained model is right on items 1, 3, 4 (bible) and on none of python
+    items = [{"text": f"t{i}", "answer": f" w{i}", "answer_id": i, "source": "bible"} for i in range(6)]
+    items += [{"text": f"t{i}", "answer": f" w{i}", "answer_id": i, "source": "python"} for i in range(6, 10)]
+    trained_ids = [[i if i in (1, 3, 4) else 99, 98, 97] for i in range(10)]
+    res = {
+        "trained": {"cloze": {"predictions_ids": trained_ids, "predictions": [["a", "b", "c"]] * 10}},
+        "random": {"cloze": {"predictions": [["x", "y", "z"]] * 10}},
+    }
+    ex = examples(items, res, per_source=4)
+    assert [(e["text"], e["right"]) for e in ex] == [
+        ("t0", False), ("t1", True), ("t2", False), ("t3", True),
+        ("t6", False), ("t7", False), ("t8", False), ("t9", False),
+    ]  # fmt: skip

@@ -71,20 +71,28 @@ def run(
 
 
 def examples(items: list[dict], res: dict, per_source: int = 4) -> list[dict]:
-    """A few cloze items with random-init ('before') and trained ('after') top-3 predictions."""
-    out, seen = [], {}
+    """A few cloze items per source with random-init ('before') and trained ('after') top-3
+    predictions: the first per_source // 2 the trained model gets right at top-1 (if any), then the
+    first it gets wrong, in item order. Not a sample of the rates (the probe table has those): it
+    shows what right and wrong answers look like."""
+    right = {}
     for i, it in enumerate(items):
-        if seen.get(it["source"], 0) == per_source:
-            continue
-        seen[it["source"]] = seen.get(it["source"], 0) + 1
-        out.append(
-            {
-                "text": it["text"],
-                "answer": it["answer"],
-                "before": res["random"]["cloze"]["predictions"][i][:3],
-                "after": res["trained"]["cloze"]["predictions"][i][:3],
-            }
-        )
+        right.setdefault(it["source"], {True: [], False: []})
+        right[it["source"]][res["trained"]["cloze"]["predictions_ids"][i][0] == it["answer_id"]].append(i)
+    out = []
+    for hits in right.values():
+        picked = hits[True][: per_source // 2]
+        picked += hits[False][: per_source - len(picked)]
+        for i in sorted(picked):
+            out.append(
+                {
+                    "text": items[i]["text"],
+                    "answer": items[i]["answer"],
+                    "right": i in hits[True],
+                    "before": res["random"]["cloze"]["predictions"][i][:3],
+                    "after": res["trained"]["cloze"]["predictions"][i][:3],
+                }
+            )
     return out
 
 
@@ -153,11 +161,15 @@ def format_report(res: dict, max_text: int = 60) -> str:
             repr(e["answer"]),
             " ".join(repr(p) for p in e["before"]),
             " ".join(repr(p) for p in e["after"]),
+            "yes" if e["right"] else "no",
         )
         for e in res["examples"]
     ]
-    return (
-        _table(("fill-mask on held-out text", "answer", "before (random init)", "after (trained)"), fill)
-        + "\n\n"
-        + _table(("probe", "random init", "trained"), summary_rows(res))
+    header = (
+        "fill-mask on held-out text",
+        "answer",
+        "before (random init)",
+        "after (trained)",
+        "top-1 right",
     )
+    return _table(header, fill) + "\n\n" + _table(("probe", "random init", "trained"), summary_rows(res))

@@ -139,7 +139,7 @@ def cloze(model: RobertaMLM, tokenizer, items: list[dict]) -> dict:
     """Top-1 / top-5 accuracy on the masked content words, overall and per source; predictions
     are kept per item (token strings) for the before/after table."""
     top = fill_mask(model, tokenizer, [it["text"] for it in items])
-    res = {"n": len(items), "predictions": []}
+    res = {"n": len(items), "predictions": [], "predictions_ids": top}
     hits = {"all": [0, 0, 0]}
     for it, ids in zip(items, top):
         for key in ("all", it["source"]):
