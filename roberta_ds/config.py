@@ -146,6 +146,12 @@ class DataConfig:
         return [Path(f) for f in self.dataset] if isinstance(self.dataset, dict) else [Path(self.dataset)]
 
     @property
+    def peak_mlm_probability(self) -> float:
+        """The highest masking rate of the run (what sizes the masked rows per block)."""
+        sched = self.mlm_probability_schedule
+        return max(rate for _, rate in sched) if sched else self.mlm_probability
+
+    @property
     def weights(self) -> list[float]:
         """Each folder's share of the samples, summing to 1."""
         if not isinstance(self.dataset, dict):

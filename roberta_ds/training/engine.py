@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from roberta_ds.config import RunConfig
-from roberta_ds.data.masking import IGNORE_INDEX
+from roberta_ds.data.masking import IGNORE_INDEX, mlm_probability_at
 from roberta_ds.data.sampler import seq_len_at
 from roberta_ds.model import RobertaMLM
 from roberta_ds.training import checkpoint, ds_config
@@ -116,8 +116,9 @@ class Trainer:
             loggers=build_loggers(self.run_dir, cfg.to_dict(), self.step) if self.rank == 0 else (),
         )
         self.peak = peak_flops(self.precision, t.peak_flops)
-        # by block length: MFU stays right across a data.seq_len_schedule switch
-        self.flops_per_token = functools.cache(lambda L: model.flops_per_token(L, cfg.data.mlm_probability))
+        # by block length and masking rate: MFU stays right across data.seq_len_schedule and
+        # data.mlm_probability_schedule (the head runs on the masked fraction only)
+        self.flops_per_token = functools.cache(lambda L, rate: model.flops_per_token(L, rate))
 
     def _check_inputs(self, ds_config_path: str) -> dict:
         """Every check of the inputs that needs no process group; returns the engine's ds_config."""
@@ -144,7 +145,7 @@ class Trainer:
                 world,
                 expected_local_world_size(),
                 seq,
-                self.cfg.data.mlm_probability,
+                self.cfg.data.peak_mlm_probability,  # the masked rows the head must hold at once
             ),
             rank=expected_rank(),
         )
@@ -270,12 +271,14 @@ class Trainer:
             torch.manual_seed(dropout_seed(t.seed, self.step, self.rank))
             lr = self.sched.get_last_lr()[0]  # this step's; the scheduler moves on inside engine.step()
             seq = seq_len_at(self.cfg.data.seq_len_schedule, self.step, self.data.seq_len)  # the sampler's
+            d = self.cfg.data  # and the masker's rate
+            rate = mlm_probability_at(d.mlm_probability_schedule, self.step, d.mlm_probability)
             loss = self._train_step([next(batches) for _ in range(self.accum)])
             self.step += 1
             self.samples += self.global_batch
             self.tokens += self.global_batch * seq
             tokens_last += self.global_batch * seq
-            flops_last += self.global_batch * seq * self.flops_per_token(seq)
+            flops_last += self.global_batch * seq * self.flops_per_token(seq, rate)
             self.nonfinite = 0 if math.isfinite(loss) else self.nonfinite + 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.max_steps or self.nonfinite:
