@@ -8,6 +8,8 @@ pipeline("fill-mask") load.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,9 +66,14 @@ def tokenizer_dir(run_dir: Path, run_cfg: dict) -> Path:
 
 
 def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the Hugging Face folder `out`. It is written beside `out` and renamed into place, so an
+    interrupted export leaves no half-written folder, and with `overwrite` the previous export stays
+    whole until the new one is complete (and no stale file of it survives)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"--out {out} exists and is not empty; choose a new folder or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder")
     ckpt = resolve(str(checkpoint), Path(checkpoint))
     run_dir = run_dir_of(ckpt)
     cfg_path = run_dir / "run_config.yaml"
@@ -77,7 +84,20 @@ def export(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(run_dir, run_cfg))
-    return save_hf_state_dict(consolidated_state_dict(ckpt), model_cfg, out, tokenizer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_hf_state_dict(consolidated_state_dict(ckpt), model_cfg, tmp, tokenizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".old-{out.name}-{os.getpid()}"
+    if out.exists():
+        out.rename(old)  # from here until the next rename `out` is absent, never partial
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint", required=True, help="a run folder (its latest checkpoint) or a step_* folder"
     )
     ap.add_argument("--out", required=True, help="Hugging Face folder to write (new or empty)")
-    ap.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    ap.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out (swapped in once complete)"
+    )
     args = ap.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, overwrite=args.overwrite)

@@ -16,7 +16,7 @@ start=$(date +%s)
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} torchrun --nproc_per_node "$NPROC" train.py \
   --config configs/tiny_cpu.yaml --deepspeed_config "$DS_CONFIG" --run_dir "$RUN_DIR" "$@"
 train_s=$(($(date +%s) - start))
-python -m roberta_ds.export --checkpoint "$RUN_DIR" --out "$RUN_DIR/hf"
+python -m roberta_ds.export --checkpoint "$RUN_DIR" --out "$RUN_DIR/hf" --overwrite  # run again: replaced whole
 python - "$RUN_DIR" "$train_s" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl")]

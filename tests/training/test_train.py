@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,35 @@ def test_export_reloads_in_transformers_with_equal_logits(reference_run, tmp_pat
     from transformers import pipeline
 
     assert len(pipeline("fill-mask", model=str(out))("And God said, Let there be <mask>.")) == 5
+
+
+def test_export_overwrite_swaps_in_a_complete_folder(reference_run, tmp_path, monkeypatch):
+    """Re-exporting (the Quickstart does on every run) replaces the folder whole: no stale file of
+    the old export survives, and an export that fails midway leaves the previous one untouched."""
+    import roberta_ds.export as export_mod
+
+    run_dir, _, _ = reference_run
+    out = export_mod.export(run_dir, tmp_path / "hf")
+    (out / "stale.txt").write_text("from an older export")
+    weights = sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(sd, cfg, out_dir, tokenizer=None):
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "model.safetensors").write_bytes(b"half written")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_mod, "save_hf_state_dict", broken)
+    with pytest.raises(OSError):
+        export_mod.export(run_dir, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folder left behind
+    monkeypatch.undo()
+
+    export_mod.export(run_dir, out, overwrite=True)
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_signal_mid_run_checkpoints_and_resumes(kjv_dataset, tmp_path):
