@@ -4,9 +4,9 @@ Why: with RoBERTa's initialisation (every weight N(0, initializer_range), learne
 positions) attention starts uniform over the block, and an MLM can only use a masked token's
 neighbours once attention has learnt where they are. Until then the model predicts from the bag of
 the block's words: a small model sits on that plateau for thousands of steps (the tiny preset on
-the built-in corpus: every head still uniform after 1,200 steps, held-out accuracy 15.6%, most of it
-from copying unmasked labels and guessing from the block's topic). Causal LMs do not stall here, because the
-next token is predicted from the current one without attention.
+the built-in corpus: every head still uniform after 1,200 steps, held-out accuracy 15.6%, most of
+it from copying unmasked labels and guessing from the block's topic). Causal LMs do not stall here,
+because the next token is predicted from the current one without attention.
 
 What: the same architecture and parameter set (a Hugging Face RobertaForMaskedLM still loads the
 weights), with three changes to the initial values only:

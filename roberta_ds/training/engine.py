@@ -11,7 +11,6 @@ Exactness: each optimizer step reseeds torch's RNG from (seed, step, rank), and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ from roberta_ds.config import RunConfig
 from roberta_ds.data.masking import IGNORE_INDEX, mlm_probability_at
 from roberta_ds.data.sampler import seq_len_at
 from roberta_ds.model import RobertaMLM
+from roberta_ds.model.roberta import flops_per_token
 from roberta_ds.training import checkpoint, ds_config
 from roberta_ds.training.builders import (
     build_data,
@@ -100,7 +100,7 @@ class Trainer:
         self.micro_batch = ds_cfg["train_micro_batch_size_per_gpu"]
         self.accum = ds_cfg["gradient_accumulation_steps"]
         self.data = build_data(cfg, self.global_batch, self.resume_from)
-        model = self._build_engine(ds_cfg)
+        self._build_engine(ds_cfg)
         self.step, self.samples, self.tokens, self.nonfinite = 0, 0, 0, 0
         if self.resume_from is not None:
             self._resume()
@@ -116,9 +116,6 @@ class Trainer:
             loggers=build_loggers(self.run_dir, cfg.to_dict(), self.step) if self.rank == 0 else (),
         )
         self.peak = peak_flops(self.precision, t.peak_flops)
-        # by block length and masking rate: MFU stays right across data.seq_len_schedule and
-        # data.mlm_probability_schedule (the head runs on the masked fraction only)
-        self.flops_per_token = functools.cache(lambda L, rate: model.flops_per_token(L, rate))
 
     def _check_inputs(self, ds_config_path: str) -> dict:
         """Every check of the inputs that needs no process group; returns the engine's ds_config."""
@@ -278,7 +275,9 @@ class Trainer:
             self.samples += self.global_batch
             self.tokens += self.global_batch * seq
             tokens_last += self.global_batch * seq
-            flops_last += self.global_batch * seq * self.flops_per_token(seq, rate)
+            # at this step's block length and masking rate (the head runs on the masked rows only), so
+            # MFU stays right across data.seq_len_schedule and data.mlm_probability_schedule
+            flops_last += self.global_batch * seq * flops_per_token(self.cfg.model, seq, rate)
             self.nonfinite = 0 if math.isfinite(loss) else self.nonfinite + 1
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.max_steps or self.nonfinite:
