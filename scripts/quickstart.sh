@@ -2,19 +2,21 @@
 # The main job on a fresh machine: set-up, then pretrain the tiny preset on the built-in corpus with
 # 2 processes under ZeRO-1 (CPU/gloo here; GPUs/NCCL where present), export a Hugging Face folder and
 # print the quality gate (fill-mask before/after, probe scores). Extra arguments go to train.py
-# (e.g. --max_steps 100). ZeRO-1 with micro-batch 16, not ZeRO-3 with micro 8: on a 1M-parameter
-# model ZeRO-3's per-module gathers cost more than the compute (10.4K tokens/s against 20.1K).
+# (e.g. --max_steps 100); RUN_DIR, CONFIG, DS_CONFIG and NPROC override the defaults below.
+# ZeRO-1 with micro-batch 16, not ZeRO-3 with micro 8: on a 1M-parameter model ZeRO-3's per-module
+# gathers cost more than the compute (10.4K tokens/s against 20.1K).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . "${VENV:-.venv}/bin/activate" 2>/dev/null || true
 RUN_DIR=${RUN_DIR:-runs/tiny_cpu}
+CONFIG=${CONFIG:-configs/tiny_cpu.yaml}
 NPROC=${NPROC:-2}
 DS_CONFIG=${DS_CONFIG:-ds_configs/cpu_quickstart.json}
 # One thread per process: 2 processes on a 2-core machine.
 start=$(date +%s)
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} torchrun --nproc_per_node "$NPROC" train.py \
-  --config configs/tiny_cpu.yaml --deepspeed_config "$DS_CONFIG" --run_dir "$RUN_DIR" "$@"
+  --config "$CONFIG" --deepspeed_config "$DS_CONFIG" --run_dir "$RUN_DIR" "$@"
 train_s=$(($(date +%s) - start))
 python -m roberta_ds.export --checkpoint "$RUN_DIR" --out "$RUN_DIR/hf" --overwrite  # run again: replaced whole
 python - "$RUN_DIR" "$train_s" <<'PY'

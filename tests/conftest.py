@@ -6,6 +6,9 @@ import torch
 # module defining @triton.jit functions is imported, so it lives at the very top of conftest.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# No Weights & Biases run for every train.py the tests start (inherited by their subprocesses):
+# tests/training/test_loggers.py turns it on where W&B itself is under test.
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 import json  # noqa: E402
 import random  # noqa: E402

@@ -292,6 +292,7 @@ class Trainer:
                     f"stopping: {self.nonfinite} consecutive non-finite losses at step {self.step}; "
                     f"weights saved aside in {aside}, latest unchanged"
                 )
+                self.metrics.close()  # the last rows reach TensorBoard/W&B and the plot
                 return EXIT_NONFINITE
             if t.eval_every and self.step % t.eval_every == 0:
                 self.evaluate()

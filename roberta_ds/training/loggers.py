@@ -55,17 +55,20 @@ class TensorBoardLogger:
 
 class WandbLogger:
     """A Weights & Biases run in <run_dir>/wandb, offline unless WANDB_MODE says otherwise
-    (`wandb sync <run_dir>/wandb/offline-run-*` uploads it later)."""
+    (`wandb sync <run_dir>/wandb/offline-run-*` uploads it later). W&B cannot resume an offline
+    run, so each session of a run folder is its own W&B run, named by the step it starts from and
+    grouped by the folder's name; steps are optimizer steps, as in metrics.jsonl."""
 
-    def __init__(self, wandb, run_dir: Path, config: dict):
-        mode = os.environ.get("WANDB_MODE", "offline")
+    def __init__(self, wandb, run_dir: Path, config: dict, resume_step: int = 0):
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "roberta-ds"),
-            name=run_dir.name,
+            group=run_dir.name,
+            name=f"{run_dir.name}-from-step-{resume_step}",
             dir=str(run_dir),
             config=config,
-            mode=mode,
-            resume="allow",
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            # the console stays ours (progress bar, launcher logs): no stdout wrapping
+            settings=wandb.Settings(console="off"),
         )
 
     def log(self, row: dict) -> None:
@@ -79,15 +82,19 @@ class WandbLogger:
 
 
 def build_loggers(run_dir: Path, config: dict, resume_step: int = 0) -> list:
-    """TensorBoard always; W&B when `wandb` imports (skipped with a log line otherwise)."""
+    """TensorBoard always; W&B when `wandb` imports and WANDB_MODE is not `disabled` (skipped with
+    a log line otherwise)."""
     loggers: list = [TensorBoardLogger(run_dir, resume_step)]
+    if os.environ.get("WANDB_MODE") == "disabled":
+        log.info("WANDB_MODE=disabled: logging to metrics.jsonl and TensorBoard only")
+        return loggers
     try:
         import wandb
     except ImportError:
         log.info("wandb is not installed: logging to metrics.jsonl and TensorBoard only")
     else:
         try:
-            loggers.append(WandbLogger(wandb, run_dir, config))
+            loggers.append(WandbLogger(wandb, run_dir, config, resume_step))
         except Exception as e:  # a broken wandb set-up must not stop training
             log.warning("wandb disabled: %s", e)
     return loggers

@@ -1,10 +1,14 @@
 """metrics.jsonl rows reach TensorBoard (train/ and valid/ scalars, readable by tensorboard's
-EventAccumulator), the PNG is drawn, and a resumed run's TensorBoard hides the replayed steps."""
+EventAccumulator) and an offline Weights & Biases run (read back from its .wandb file), the PNG is
+drawn, and a resumed run's TensorBoard hides the replayed steps."""
 
 import json
 
+import pytest
+
 from roberta_ds.training.loggers import PLOT_NAME, TENSORBOARD_DIR, build_loggers, scalars
 from roberta_ds.training.metrics import MetricsLog
+from tests.training.wandb_records import wandb_history
 
 
 def _train_row(step):
@@ -78,3 +82,19 @@ def test_resume_hides_replayed_steps_in_tensorboard(tmp_path):
     _log(tmp_path, range(6, 13), resume_step=5)  # killed after step 10, resumed from step 5's checkpoint
     steps = [s for s, _ in _events(tmp_path)["train/loss"]]
     assert steps == list(range(1, 13))
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
+    """With wandb installed and WANDB_MODE unset, the run logs offline into <run_dir>/wandb (no
+    network), keyed by optimizer step; a resumed session is a second run of the same group."""
+    pytest.importorskip("wandb")  # a test extra: installed by scripts/test.sh
+    monkeypatch.delenv("WANDB_MODE")  # tests/conftest.py disables W&B for the other tests
+    _log(tmp_path, range(1, 11))
+    _log(tmp_path, range(6, 13), resume_step=5)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    history = wandb_history(tmp_path)
+    assert sorted(history) == list(range(1, 13))
+    assert abs(history[3]["train/loss"] - (8.0 - 0.3)) < 1e-9
+    assert history[10]["valid/valid_accuracy"] == 0.1 and history[10]["train/tokens_per_s"] == 1010.0
+    assert "train/mfu" not in history[1]  # None is not a scalar
