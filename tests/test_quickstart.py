@@ -37,15 +37,17 @@ def test_quickstart_beats_random_init_on_every_probe(quickstart):
     run, _ = quickstart
     res = json.loads((run / "evaluation.json").read_text())
     before, after = res["random"], res["trained"]
-    # measured at the recipe's commit (README: Quickstart): held-out accuracy 0.1% -> 39.1%, cloze
-    # top-1 0% -> 11.7% (top-5 20.7%), linear probe 65.0% -> 79.7%, fine-tune 52.3% -> 81.7%
+    # measured on one 2-core host (README: Quickstart), bf16 config / fp32 config: held-out accuracy
+    # 0.1% -> 39.5% / 39.1%, cloze top-1 0% -> 11.3% / 11.7% (top-5 20.7%), Bible 19.3% / 16.7%,
+    # Python docs 3.3% / 6.7%, fine-tune 52.3% -> 77.0% / 81.3%, linear probe 65.0% -> 75.3% / 79.7%
+    # (mean-pooled random features already tell the sources apart by their words)
     assert before["heldout_mlm"]["accuracy"] < 0.02 and after["heldout_mlm"]["accuracy"] > 0.30
     assert after["heldout_mlm"]["loss"] < before["heldout_mlm"]["loss"] - 4.0
     assert before["cloze"]["top1"] < 0.01 and after["cloze"]["top1"] > 0.06
     assert after["cloze"]["top5"] > 0.12
-    assert after["cloze"]["top1_bible"] > 0.06 and after["cloze"]["top1_python"] > 0.02  # both sources
-    assert after["linear_probe_accuracy"] > before["linear_probe_accuracy"] + 0.08
+    assert after["cloze"]["top1_bible"] > 0.08 and after["cloze"]["top1_python"] > 0.01  # both sources
     assert after["finetune"]["median"] > before["finetune"]["median"] + 0.15
+    assert after["linear_probe_accuracy"] > before["linear_probe_accuracy"] + 0.05
 
 
 def test_quickstart_prints_the_tables_and_keeps_the_logs(quickstart):

@@ -149,7 +149,12 @@ def _broadcast(value):
 def _finish(tmp: Path, final: Path, step: int, client_state: dict) -> None:
     """COMPLETE (with a manifest of every file's size), then one rename into place."""
     files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-    info = {"step": step, "model": client_state.get("config", {}).get("model"), "files": files}
+    info = {
+        "step": step,
+        "model": client_state.get("config", {}).get("model"),
+        "precision": client_state.get("precision"),
+        "files": files,
+    }
     try:
         (tmp / COMPLETE).write_text(json.dumps(info, indent=1) + "\n")
         if final.exists():  # an incomplete folder left by an older version: never resumed from
@@ -233,6 +238,11 @@ def load(engine, ckpt: Path, rank: int, load_optimizer: bool = True) -> dict:
             load_lr_scheduler_states=True,
         )
     except Exception as e:
+        if isinstance(e, FileNotFoundError) and _other_precision_layout(ckpt, Path(e.filename or "")):
+            raise CheckpointError(
+                f"{ckpt} holds optimizer states of another precision ({Path(e.filename).name} is "
+                f"missing): {PRECISION_HINT}"
+            ) from None
         bad = corrupt_file(ckpt)
         where = f"{bad}: corrupt checkpoint file" if bad else f"{ckpt}: could not load"
         raise CheckpointError(f"{where} ({type(e).__name__}: {str(e)[:300]})") from None
@@ -242,6 +252,32 @@ def load(engine, ckpt: Path, rank: int, load_optimizer: bool = True) -> dict:
     if rng.is_file():  # absent when resuming on more ranks than saved; steps reseed anyway
         set_rng_state(torch.load(rng, weights_only=False))
     return client_state
+
+
+PRECISION_HINT = (
+    "DeepSpeed cannot resume optimizer states saved in another precision; resume with a ds_config "
+    "of the checkpoint's precision (the run folder's ds_config.json is the last one used) or start "
+    "a new run folder"
+)
+
+
+def check_precision(ckpt: Path, precision: str, ds_source: str) -> None:
+    """Before anything is built: the checkpoint's precision (in its manifest since it was recorded
+    there) must be this run's, since DeepSpeed lays optimizer states out per precision (its bf16
+    optimizer writes bf16_zero_pp_rank_* files) and fails deep inside loading otherwise."""
+    saved = manifest(ckpt).get("precision")
+    if saved and saved != precision:
+        raise CheckpointError(
+            f"{ckpt} was saved by a {saved} run and {ds_source} is {precision}: {PRECISION_HINT}"
+        )
+
+
+def _other_precision_layout(ckpt: Path, missing: Path) -> bool:
+    """For checkpoints saved before the manifest recorded precision: the file DeepSpeed wants is
+    absent but its bf16/non-bf16 twin (bf16_ prefix added or dropped) is there."""
+    name = missing.name
+    twin = name.removeprefix("bf16_") if name.startswith("bf16_") else f"bf16_{name}"
+    return missing.parent == ckpt and not missing.exists() and (ckpt / twin).is_file()
 
 
 def saved_world_size(ckpt: Path) -> int:

@@ -131,6 +131,8 @@ class Trainer:
             self._lock = run_dir_lock(self.run_dir)
         check_run_dir(self.cfg, self.run_dir)
         self.resume_from = checkpoint.resolve(self.cfg.train.resume, self.run_dir)
+        if self.resume_from is not None:
+            checkpoint.check_precision(self.resume_from, self.precision, ds_raw["_source"])
         seq = self.cfg.data.seq_len
         if self.resume_from is not None and self.cfg.data.dataset != "builtin":
             check_resume_model(self.resume_from, dataclasses.asdict(self.cfg.model))
@@ -211,6 +213,7 @@ class Trainer:
             "tokens": self.tokens,
             "nonfinite": self.nonfinite,
             "world_size": self.world,
+            "precision": self.precision,
             "config": self.cfg.to_dict(),
         }
 

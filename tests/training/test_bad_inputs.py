@@ -56,11 +56,11 @@ class Ctx:
         self.yaml("data", dataset=str(d))
         return d
 
-    def fake_checkpoint(self, model: dict | None = None, files: dict | None = None) -> Path:
+    def fake_checkpoint(self, model: dict | None = None, files: dict | None = None, **info) -> Path:
         ck = self.tmp / "old" / "checkpoints" / "step_00000010"
         ck.mkdir(parents=True)
         (ck / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
-        (ck / "COMPLETE").write_text(json.dumps({"step": 10, "model": model, "files": files or {}}))
+        (ck / "COMPLETE").write_text(json.dumps({"step": 10, "model": model, "files": files or {}, **info}))
         (ck.parent / "latest").write_text("step_00000010\n")
         return self.tmp / "old"
 
@@ -211,6 +211,11 @@ CASES = [
         "resume_other_model",
         lambda c: train(c, "--resume", _with_model(c, num_heads=4)),
         "model.num_heads: 4 in the checkpoint, 2 now",
+    ),
+    (
+        "resume_other_precision",
+        lambda c: train(c, "--resume", c.fake_checkpoint(precision="bf16")),
+        "was saved by a bf16 run and",
     ),
     ("run_folder_locked", lambda c: train(_lock(c) and c), "is in use by another run"),
     (

@@ -189,3 +189,41 @@ def test_resume_with_another_model_config_names_the_field(tmp_path):
     check_resume_model(path, {"num_heads": 2, "kernels": "triton"})
     with pytest.raises(CheckpointError, match="model.num_heads: 2 in the checkpoint, 4 now"):
         check_resume_model(path, {"num_heads": 4})
+
+
+def test_precision_is_recorded_and_a_change_is_refused_by_name(tmp_path):
+    path = save(FakeEngine(), tmp_path, 10, {**STATE, "precision": "bf16"}, keep_last=2, rank=0)
+    assert checkpoint.manifest(path)["precision"] == "bf16"
+    checkpoint.check_precision(path, "bf16", "ds.json")
+    with pytest.raises(CheckpointError, match="saved by a bf16 run and ds.json is fp32"):
+        checkpoint.check_precision(path, "fp32", "ds.json")
+
+
+class MissingFileEngine:
+    """engine.load_checkpoint as DeepSpeed fails when the optimizer files are another precision's."""
+
+    def __init__(self, wants: str):
+        self.wants = wants
+
+    def load_checkpoint(self, load_dir, tag, **kw):
+        path = os.path.join(load_dir, tag, self.wants)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+
+
+@pytest.mark.parametrize(
+    ("saved", "wanted"),
+    [
+        ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+        ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+    ],
+)
+def test_old_checkpoint_of_another_precision_is_named_on_load(tmp_path, saved, wanted):
+    """Saved before the manifest held precision: the bf16/non-bf16 twin of the missing file tells."""
+    ckpt = tmp_path / "step_00000010"
+    ckpt.mkdir()
+    (ckpt / saved).write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=f"another precision \\({wanted} is missing\\)"):
+        checkpoint.load(MissingFileEngine(wanted), ckpt, rank=0)
+    with pytest.raises(CheckpointError) as e:  # a file simply gone is not that
+        checkpoint.load(MissingFileEngine("mp_rank_00_model_states.pt"), ckpt, rank=0)
+    assert "another precision" not in str(e.value) and "mp_rank_00_model_states.pt" in str(e.value)
