@@ -277,7 +277,7 @@ def _other_precision_layout(ckpt: Path, missing: Path) -> bool:
     absent but its bf16/non-bf16 twin (bf16_ prefix added or dropped) is there."""
     name = missing.name
     twin = name.removeprefix("bf16_") if name.startswith("bf16_") else f"bf16_{name}"
-    return missing.parent == ckpt and not missing.exists() and (ckpt / twin).is_file()
+    return missing.parent == ckpt and (ckpt / twin).is_file()
 
 
 def saved_world_size(ckpt: Path) -> int:
