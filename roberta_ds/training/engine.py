@@ -85,7 +85,7 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         # First: a stop signal that arrives while building is honoured at the first step boundary.
-        self.stop = StopFlag(["SIGTERM", t.preempt_signal], t.time_limit_minutes)
+        self.stop = StopFlag(["SIGTERM", "SIGINT", t.preempt_signal], t.time_limit_minutes)
         watch_launcher()
         self._lock = None
         try:

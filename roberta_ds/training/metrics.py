@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -33,6 +34,10 @@ def peak_flops(precision: str, override: float | None = None) -> float | None:
         if all(part in name for part in key.split()):
             return PEAK_FLOPS[key][precision]
     return None
+
+
+# W&B's finish() waits on its service; one killed with the job would otherwise hold the exit.
+LOGGER_CLOSE_TIMEOUT_S = 30.0
 
 
 class MetricsLog:
@@ -64,16 +69,49 @@ class MetricsLog:
         if self._f:
             self._f.write(json.dumps(row) + "\n")
             self._f.flush()
-        for lg in self.loggers:
-            lg.log(row)
+        for lg in list(self.loggers):
+            self._best_effort(lg, "log", row)
+
+    def _best_effort(self, lg, method: str, *args, timeout_s: float | None = None) -> None:
+        """A logger never decides whether work is saved: its failure (a service killed by the
+        job's signal, a full disk, a broken pipe) is one warning and the logger is dropped, and a
+        close that does not return in `timeout_s` is left behind (a daemon thread) instead of
+        hanging the run's exit."""
+        name = type(lg).__name__
+        try:
+            if timeout_s is None:
+                getattr(lg, method)(*args)
+                return
+            err: list[BaseException] = []
+
+            def call():
+                try:
+                    getattr(lg, method)(*args)
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    err.append(e)
+
+            t = threading.Thread(target=call, name=f"{name}.{method}", daemon=True)
+            t.start()
+            t.join(timeout_s)
+            if t.is_alive():
+                raise TimeoutError(f"{method}() did not return in {timeout_s:.0f} s")
+            if err:
+                raise err[0]
+        except Exception as e:
+            logging.getLogger(__name__).warning(
+                "%s dropped: %s failed (%s: %s); metrics.jsonl keeps every row", name, method,
+                type(e).__name__, e,
+            )
+            if lg in self.loggers:
+                self.loggers.remove(lg)
 
     def plot(self) -> None:
         """Redraw <run_dir>/metrics.png and flush the loggers (at each evaluation and at the end);
         a plotting failure is logged, never fatal to training."""
         if not self._f:
             return
-        for lg in self.loggers:
-            lg.flush()
+        for lg in list(self.loggers):
+            self._best_effort(lg, "flush")
         from roberta_ds.training.loggers import plot_metrics
 
         try:
@@ -84,8 +122,8 @@ class MetricsLog:
     def close(self) -> None:
         """Final plot, then close the loggers; safe to call twice."""
         self.plot()
-        for lg in self.loggers:
-            lg.close()
+        for lg in list(self.loggers):
+            self._best_effort(lg, "close", timeout_s=LOGGER_CLOSE_TIMEOUT_S)
         self.loggers = []
         if self._f:
             self._f.close()

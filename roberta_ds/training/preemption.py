@@ -28,15 +28,38 @@ STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+EXIT_ABORTED = 130  # a second Ctrl-C: the shell's code for death by SIGINT, no checkpoint
+# A terminal's Ctrl-C reaches every process of the foreground group at once, and torchrun forwards
+# the SIGINT it got to its ranks a moment later: both are one Ctrl-C. Only a SIGINT that comes this
+# long after the first is a second Ctrl-C, the user's "abort now".
+SECOND_INTERRUPT_AFTER_S = 2.0
+
+
 class StopFlag:
+    """Set by the stop signals (SIGINT included: Ctrl-C is a stop like any other, saved at the next
+    step boundary instead of a KeyboardInterrupt that loses the steps since the last checkpoint) or
+    by the time limit; read at step boundaries."""
+
     def __init__(self, signal_names: list[str], time_limit_minutes: float | None):
         self.reason: str | None = None
         self.deadline = time.monotonic() + 60 * time_limit_minutes if time_limit_minutes else None
+        self._first_interrupt: float | None = None
         for name in dict.fromkeys(signal_names):
             signal.signal(signal.Signals[name], self._handler)
 
     def _handler(self, signum, frame) -> None:
-        self.reason = f"signal {signal.Signals(signum).name}"
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_interrupt is None:
+                self._first_interrupt = now
+                os.write(2, b"\nCtrl-C: saving a checkpoint at the next step boundary, then exit 99 "
+                         b"(press Ctrl-C again to abort without saving)\n")
+            elif now - self._first_interrupt > SECOND_INTERRUPT_AFTER_S:
+                os.write(2, b"\nsecond Ctrl-C: aborting now, without a checkpoint (exit 130); "
+                         b"the run resumes from its last complete checkpoint\n")
+                os._exit(EXIT_ABORTED)
+        if self.reason is None:
+            self.reason = f"signal {signal.Signals(signum).name}"
 
     def requested(self) -> bool:
         if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:

@@ -98,3 +98,57 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     assert abs(history[3]["train/loss"] - (8.0 - 0.3)) < 1e-9
     assert history[10]["valid/valid_accuracy"] == 0.1 and history[10]["train/tokens_per_s"] == 1010.0
     assert "train/mfu" not in history[1]  # None is not a scalar
+
+
+class _Recorder:
+    def __init__(self):
+        self.rows = []
+
+    def log(self, row):
+        self.rows.append(row["step"])
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.rows.append("closed")
+
+
+class _LostService(_Recorder):
+    """What W&B does once the job's SIGTERM has killed its service."""
+
+    def log(self, row):
+        if row["step"] >= 3:
+            raise ConnectionResetError("Connection lost")
+        super().log(row)
+
+
+class _HangingClose(_Recorder):
+    def close(self):
+        import time
+
+        time.sleep(3600)
+
+
+def test_a_failing_or_hanging_logger_is_dropped_with_a_warning(tmp_path, monkeypatch, caplog):
+    import time
+
+    import roberta_ds.training.metrics as metrics
+
+    monkeypatch.setattr(metrics, "LOGGER_CLOSE_TIMEOUT_S", 0.5)
+    lost, hanging, good = _LostService(), _HangingClose(), _Recorder()
+    m = MetricsLog(tmp_path / "metrics.jsonl", enabled=True, loggers=(lost, hanging, good))
+    for step in range(1, 6):
+        m.write(_train_row(step))  # raises nothing though W&B's connection is gone
+    t0 = time.monotonic()
+    m.close()
+    assert time.monotonic() - t0 < 5, "a hanging logger held close()"
+    assert lost.rows == [1, 2]  # dropped at its first failure, not called again
+    assert good.rows == [1, 2, 3, 4, 5, "closed"]
+    assert hanging.rows == [1, 2, 3, 4, 5]
+    rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5]  # metrics.jsonl keeps every row
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("_LostService dropped" in w and "ConnectionResetError" in w for w in warned), warned
+    assert any("_HangingClose dropped" in w and "did not return" in w for w in warned), warned
+    assert len([w for w in warned if "_LostService" in w]) == 1  # one warning, not one per row
