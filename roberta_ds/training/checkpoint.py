@@ -204,6 +204,12 @@ def resolve(path_or_auto: str | None, run_dir: Path) -> Path | None:
         path = path / tag
     if not path.is_dir():
         raise CheckpointError(f"checkpoint to resume from not found: {path}")
+    looks_saved = path.name.startswith(("step_", "nonfinite_")) or any(path.glob("*.pt"))
+    if not is_complete(path) and not looks_saved:
+        raise CheckpointError(
+            f"{path} holds no checkpoint (no checkpoints/latest, no {COMPLETE} manifest): pass a run "
+            "folder that has saved, or one of its checkpoints/step_* folders"
+        )
     if not is_complete(path):
         raise CheckpointError(
             f"{path}: incomplete or corrupt checkpoint (no {COMPLETE} marker; the save was "

@@ -227,3 +227,16 @@ def test_old_checkpoint_of_another_precision_is_named_on_load(tmp_path, saved, w
     with pytest.raises(CheckpointError) as e:  # a file simply gone is not that
         checkpoint.load(MissingFileEngine("mp_rank_00_model_states.pt"), ckpt, rank=0)
     assert "another precision" not in str(e.value) and "mp_rank_00_model_states.pt" in str(e.value)
+
+
+def test_resume_from_a_folder_that_never_held_a_checkpoint_says_so(tmp_path):
+    never = tmp_path / "run_never_saved"
+    (never / "tensorboard").mkdir(parents=True)
+    (never / "metrics.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match="holds no checkpoint") as e:
+        resolve(str(never), tmp_path / "other")
+    assert "interrupted" not in str(e.value)
+    cut = tmp_path / "run" / "checkpoints" / "step_00000010"  # a save cut short keeps its message
+    cut.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="the save was interrupted"):
+        resolve(str(cut), tmp_path / "other")
