@@ -269,6 +269,10 @@ class TrainConfig:
     # Peak dense FLOP/s of one device for MFU; None = look the device up in training/metrics.py.
     peak_flops: float | None = None
     progress_bar: bool = True
+    # Stall watchdog: a rank whose step makes no progress for this long (no heartbeat, or stuck in
+    # a collective) stops every rank with exit 99 and a message naming it. Well above a step, an
+    # evaluation, the first step's compilation and a save of large (minutes each); 0 = off.
+    stall_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "log_every", "eval_batches", "max_nonfinite_steps")
@@ -282,6 +286,10 @@ class TrainConfig:
         _require(
             self.time_limit_minutes is None or self.time_limit_minutes > 0,
             f"train.time_limit_minutes={self.time_limit_minutes} must be > 0 (or null for none)",
+        )
+        _require(
+            self.stall_timeout_s == 0 or self.stall_timeout_s >= 5,
+            f"train.stall_timeout_s={self.stall_timeout_s} must be 0 (off) or at least 5 seconds",
         )
         _require(
             self.peak_flops is None or self.peak_flops > 0, f"train.peak_flops={self.peak_flops} must be > 0"
@@ -442,7 +450,10 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
     model = build_dataclass(ModelConfig, {**MODEL_PRESETS[preset], **model_raw}, f"{src}: model")
     data = build_dataclass(DataConfig, raw["data"], f"{src}: data")
     train = build_dataclass(TrainConfig, raw["train"], f"{src}: train")
-    if data.seq_len > model.max_seq_len:
+    # A prepared dataset owns its length (checked against the model once it is read), so the
+    # built-in corpus's default data.seq_len is checked only where it is the length used or stated.
+    checks_seq_len = data.dataset == "builtin" or "data.seq_len" in stated
+    if checks_seq_len and data.seq_len > model.max_seq_len:
         raise ConfigError(
             f"{src}: data.seq_len={data.seq_len} is above the model's {model.max_seq_len} positions "
             f"(model.max_position_embeddings={model.max_position_embeddings} minus padding_idx + 1)"

@@ -50,6 +50,25 @@ def test_seq_len_above_positions(tmp_path):
         load_run_config(write(tmp_path, "data:\n  seq_len: 600\n"))
 
 
+def test_a_prepared_dataset_owns_seq_len_so_the_builtin_default_is_not_checked(tmp_path):
+    """A model of 64 positions on a prepared dataset: the built-in corpus's default data.seq_len
+    (128) is not the length used, so it is not checked (the dataset's length is, once read); the
+    same model on the built-in corpus, or with data.seq_len stated, is still refused."""
+    small = "model:\n  max_position_embeddings: 66\n"  # 64 positions (padding_idx 1)
+    cfg = load_run_config(write(tmp_path, small + "data:\n  dataset: data/mine\n"))
+    assert cfg.model.max_seq_len == 64 and cfg.data.seq_len == 128  # the unused default
+    with pytest.raises(ConfigError, match="data.seq_len=128 is above the model's 64 positions"):
+        load_run_config(write(tmp_path, small))
+    with pytest.raises(ConfigError, match="data.seq_len=128 is above the model's 64 positions"):
+        load_run_config(write(tmp_path, small + "data:\n  dataset: data/mine\n  seq_len: 128\n"))
+
+
+def test_stall_timeout_is_off_or_at_least_5_s(tmp_path):
+    assert load_run_config(write(tmp_path, "train:\n  stall_timeout_s: 0\n")).train.stall_timeout_s == 0
+    with pytest.raises(ConfigError, match="train.stall_timeout_s=2.0 must be 0 .off. or at least 5"):
+        load_run_config(write(tmp_path, "train:\n  stall_timeout_s: 2\n"))
+
+
 def test_bad_value_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="not divisible"):
         load_run_config(write(tmp_path, "model:\n  num_heads: 5\n"))

@@ -1,0 +1,98 @@
+"""DeepSpeed's C++ ops, built once per virtualenv and never waited on forever.
+
+DeepSpeed compiles its C++ ops just in time on first use (on CPU: the shared-memory collectives,
+~30 s, and CPU Adam for offload configs, ~1-2 min) through torch's cpp_extension, which guards each
+build folder with a `lock` file that it creates and deletes. A build killed part-way (torchrun's
+SIGKILL 30 s after a Ctrl-C, a scheduler's kill, the OOM killer) leaves that file, and every later
+load of the op then sleeps on it forever, printing nothing. Here:
+
+- ops build into a folder owned by the virtualenv (`<sys.prefix>/torch_extensions`, unless
+  TORCH_EXTENSIONS_DIR is set), so two virtualenvs never rebuild one folder over each other;
+- `scripts/setup.sh` builds them before any run (`python -m roberta_ds.training.op_builds`);
+- every build or load of ours runs under an flock on `<folder>/.build.lock`. The kernel releases an
+  flock when its holder dies, so while we hold it no live builder of ours exists, and a torch `lock`
+  file found then is a dead build's: it is removed, with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# What each op is for; DeepSpeed's builder class names (accelerator.create_op_builder).
+OPS = {"shm_comm": "ShareMemCommBuilder", "cpu_adam": "CPUAdamBuilder"}
+
+
+def extensions_dir() -> Path:
+    """The folder torch's cpp_extension builds into, the virtualenv's by default (set in the
+    environment, so DeepSpeed's own loads inside deepspeed.initialize use it too)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+@contextlib.contextmanager
+def build_guard():
+    """Hold the folder's build flock, clearing batons left by builds that died."""
+    root = extensions_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # another process of ours is building: wait for it (it is alive)
+        try:
+            for baton in root.glob("*/lock"):
+                log.warning("removing %s, left by a build of %s that was killed", baton, baton.parent.name)
+                baton.unlink(missing_ok=True)
+            yield root
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def needed_ops(offload: bool = False) -> list[str]:
+    """The ops a run on this machine loads: shm_comm for gloo on CPU, cpu_adam for offload."""
+    import torch
+
+    ops = [] if torch.cuda.is_available() else ["shm_comm"]
+    return ops + (["cpu_adam"] if offload else [])
+
+
+def ensure_built(ops: list[str]) -> None:
+    """Build (or just load, when built) each op under the guard. An op this machine cannot build
+    is left to DeepSpeed, which falls back (shm_comm) or raises its own error (cpu_adam)."""
+    if not ops:
+        return
+    with build_guard():
+        from deepspeed.accelerator import get_accelerator
+
+        for op in ops:
+            builder = get_accelerator().create_op_builder(OPS[op])
+            if builder is None or not builder.is_compatible(verbose=False):
+                continue
+            builder.load(verbose=False)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Build DeepSpeed's C++ ops into the virtualenv (set-up).")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {sorted(OPS)}")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        ap.error(f"unknown op {unknown[0]!r} (ops: {', '.join(sorted(OPS))})")
+    import torch
+
+    if torch.cuda.is_available():
+        ops = [o for o in ops if o != "shm_comm"]  # NCCL there, not DeepSpeed's CPU collectives
+    ensure_built(ops)
+    print(f"op_builds: {', '.join(ops) or 'nothing'} ready in {extensions_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
