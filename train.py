@@ -7,18 +7,24 @@
 Exit codes: 0 done; 99 preempted or time limit (checkpoint saved: run again to resume);
 98 too many consecutive non-finite losses (weights saved aside, latest unchanged); 2 bad input
 (config, ds_config, dataset, checkpoint, no space left for a checkpoint); 3 the process group could
-not form (unreachable master, RDZV_TIMEOUT).
+not form (unreachable master, RDZV_TIMEOUT). Launchers may return others (torchrun: 1): read
+<run_dir>/EXIT_STATUS instead (docs/reliability.md).
 """
 
 import argparse
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
 from roberta_ds.config import load_run_config
 from roberta_ds.errors import EXIT_BAD_INPUT, EXIT_RENDEZVOUS, InputError, RendezvousError
+from roberta_ds.training import exit_status
+from roberta_ds.training.preemption import EXIT_NONFINITE, EXIT_PREEMPTED
+
+STARTED = time.time()  # a verdict in EXIT_STATUS older than this is a previous run's
 
 
 def parse_args(argv=None):
@@ -57,6 +63,8 @@ def main(argv=None) -> int:
         for k, v in (("run_dir", args.run_dir), ("resume", args.resume), ("max_steps", args.max_steps))
         if v is not None
     }
+    run_dir = exit_status.run_dir_of(args.config, args.run_dir)  # where the verdict goes
+    exit_status.reserve(run_dir)
     try:
         cfg = load_run_config(args.config, {"train": overrides})  # fast: no torch imported yet
         from roberta_ds.training.distributed import shutdown
@@ -68,14 +76,28 @@ def main(argv=None) -> int:
             logging.info("no --deepspeed_config given: using %s (fits this device)", args.ds_config)
         trainer = Trainer(cfg, args.ds_config)
         code = trainer.fit()
-    except InputError as e:  # one message naming the file / key / value; no traceback
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RendezvousError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return EXIT_RENDEZVOUS
+    except (InputError, RendezvousError) as e:  # one message naming the file / key / value; no traceback
+        msg = f"train.py: error: {e}"
+        print(msg, file=sys.stderr)
+        return exit_status.record(
+            EXIT_BAD_INPUT if isinstance(e, InputError) else EXIT_RENDEZVOUS, msg, run_dir
+        )
+    except Exception as e:
+        verdict = exit_status.explain(e, run_dir, since=STARTED)  # a full disk, another rank's verdict
+        if verdict is not None:
+            print(verdict[1], file=sys.stderr)
+            return exit_status.record(*verdict, run_dir)
+        exit_status.record(1, f"train.py: failed: {type(e).__name__}: {e}", run_dir)
+        raise  # a bug: the traceback stays
+    trainer.watchdog.finish()  # leaving on purpose: the others must not read it as a stall
     shutdown()  # every rank got here: tear the process group down cleanly
-    return code
+    msg = {
+        EXIT_PREEMPTED: f"train.py: stopped at step {trainer.step}, checkpoint saved: run again to resume",
+        EXIT_NONFINITE: f"train.py: stopped at step {trainer.step} on non-finite losses (see the log)",
+    }.get(code, "")
+    if msg and trainer.rank == 0:
+        print(f"{msg} (exit {code})", file=sys.stderr)
+    return exit_status.record(code, msg or "train.py: done", run_dir)
 
 
 def exit_now(code: int) -> None:

@@ -7,7 +7,6 @@ import os
 
 import torch
 
-H100_SM_COUNT = 132
 # Set by kernels.trace while it records launches on meta tensors for an sm_90 compile: the SM count
 # of the traced device (launchers that size persistent grids read it through sm_count), else None.
 TRACE_TARGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("TRACE_TARGET", default=None)

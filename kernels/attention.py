@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from kernels import sm90
 from kernels._utils import check_dtype, check_runnable, new_seed, tracing
 from kernels.attention_kernels import (
     _attn_bwd_dkdv_kernel,
@@ -36,7 +37,6 @@ HEAD_DIMS = (16, 32, 64, 128)
 KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
 # the Autotuner adds every tensor argument's dtype to the key
 TUNING_KEY = ["S", "HEAD_DIM", "HAS_KPM", "HAS_SEG", "HAS_DROPOUT", "IEEE"]
-SM90_SHARED_BYTES = 232448  # 227 KB per CTA on H100/H200
 
 
 def _config(kernel: str, head_dim: int, dropout: bool) -> dict:
@@ -137,7 +137,7 @@ def autotune_space(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool
     for c in _candidates(kernel, head_dim, dropout):
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         known_spill = (kernel, head_dim, dropout, m, n, c.num_warps, c.num_stages) in SM90_SPILLS
-        fits = smem_estimate(kernel, c, head_dim, dtype.itemsize, dropout) <= SM90_SHARED_BYTES
+        fits = smem_estimate(kernel, c, head_dim, dtype.itemsize, dropout) <= sm90.SHARED_BYTES_PER_CTA
         if c not in space and fits and not known_spill:
             space.append(c)
     return space

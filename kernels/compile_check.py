@@ -15,12 +15,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels import sm90
+
 # kernels/__init__ re-exports functions under the module names, so take the modules themselves
 A, G, C, L = (
     importlib.import_module(f"kernels.{m}") for m in ("attention", "bias_gelu", "cross_entropy", "layer_norm")
 )
 
-SM90_SHARED_BYTES = 232448  # 227 KB per block on H100/H200
 TYPES = {
     torch.float16: "fp16",
     torch.bfloat16: "bf16",
@@ -53,9 +54,9 @@ def compile_sm90(jit_fn, values: dict, num_warps: int, num_stages: int = 3):
     src = ASTSource(jf, signature, constexprs)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    if compiled.metadata.shared > SM90_SHARED_BYTES:
+    if compiled.metadata.shared > sm90.SHARED_BYTES_PER_CTA:
         raise RuntimeError(
-            f"{jf.__name__}: {compiled.metadata.shared} B of shared memory > {SM90_SHARED_BYTES}"
+            f"{jf.__name__}: {compiled.metadata.shared} B of shared memory > {sm90.SHARED_BYTES_PER_CTA}"
         )
     print(
         f"  ok  {jf.__name__:<24} warps {num_warps} stages {num_stages} shared {compiled.metadata.shared:>6} B"

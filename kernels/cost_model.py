@@ -31,16 +31,16 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import sm90
 from kernels.sass import KernelBinary
 from kernels.trace import TensorSpec, TorchOp, TritonLaunch
 
-SMS = 132
-CLOCK_HZ = 1.755e9
-ISSUE_RATE = SMS * 4 * CLOCK_HZ  # warp-instructions per second
-TC_PEAK = 798e12  # measured: bf16 8192^3 torch.matmul on an H100 of this workplace
-DATASHEET_PEAK_BF16 = 989e12  # for MFU, as training/metrics.py
-HBM_BW = 3.0e12  # measured device-to-device copy
-L2_BW = 5.5e12
+SMS = sm90.SM_COUNT
+ISSUE_RATE = SMS * 4 * sm90.CLOCK_HZ  # warp-instructions per second
+TC_PEAK = sm90.TC_PEAK_FLOPS
+DATASHEET_PEAK_BF16 = sm90.DATASHEET_PEAK_BF16_FLOPS
+HBM_BW = sm90.HBM_BYTES_PER_S
+L2_BW = sm90.L2_BYTES_PER_S
 LAUNCH_S = 2e-6
 
 GEMM_OPS = (

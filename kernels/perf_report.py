@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels import cost_model, sass, trace
+from kernels import cost_model, sass, sm90, trace
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_COLUMNS = [
@@ -172,8 +172,8 @@ def check(rows: list[dict]) -> list[str]:
             problems.append(f"{where}: spills {r['spill_bytes']} bytes to local memory")
         if int(r["mma_sync"]) > 0 and int(r["wgmma"]) == 0:
             problems.append(f"{where}: tensor-core dots lower to mma.sync, not Hopper wgmma")
-        if int(r["smem_bytes"]) > sass.SM90_MAX_SHARED_PER_CTA:
-            problems.append(f"{where}: {r['smem_bytes']} B of shared memory > {sass.SM90_MAX_SHARED_PER_CTA}")
+        if int(r["smem_bytes"]) > sm90.SHARED_BYTES_PER_CTA:
+            problems.append(f"{where}: {r['smem_bytes']} B of shared memory > {sm90.SHARED_BYTES_PER_CTA}")
         elif int(r["ctas_per_sm"]) < 1:
             problems.append(f"{where}: not one CTA fits an SM ({r['regs']} regs x {r['num_warps']} warps)")
     return problems

@@ -28,11 +28,7 @@ from dataclasses import dataclass
 
 from triton import knobs
 
-SM90_MAX_SHARED_PER_CTA = 232448  # 227 KB opt-in per block
-SM90_SHARED_PER_SM = 233472  # 228 KB
-SM90_REGS_PER_SM = 65536
-SM90_MAX_WARPS = 64
-SM90_MAX_CTAS = 32
+from kernels import sm90
 
 _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRA = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+(?:`\()?(0x[0-9a-f]+)")
@@ -106,9 +102,9 @@ class KernelBinary:
     @property
     def ctas_per_sm(self) -> int:
         regs_per_warp = -(-max(self.regs, 1) * 32 // 256) * 256
-        by_regs = SM90_REGS_PER_SM // (regs_per_warp * self.num_warps)
-        by_smem = SM90_SHARED_PER_SM // max(self.smem_bytes, 1)
-        return max(0, min(by_regs, by_smem, SM90_MAX_WARPS // self.num_warps, SM90_MAX_CTAS))
+        by_regs = sm90.REGS_PER_SM // (regs_per_warp * self.num_warps)
+        by_smem = sm90.SHARED_BYTES_PER_SM // max(self.smem_bytes, 1)
+        return max(0, min(by_regs, by_smem, sm90.MAX_WARPS_PER_SM // self.num_warps, sm90.MAX_CTAS_PER_SM))
 
     def mma_flops(self, lines: list[str]) -> int:
         """Tensor-core FLOPs issued by one warp running `lines` (an HGMMA is issued by a warpgroup of 4

@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver as triton_driver
 from triton.runtime.jit import JITFunction
 
-from kernels import _utils
+from kernels import _utils, sm90
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -148,7 +148,7 @@ def trace_launches(nonzero_fraction: float = 0.15):
     JITFunction.run = run
     previous_driver = triton_driver._active  # None without a GPU: reset_active() would raise
     triton_driver.set_active(_SM90Driver())
-    token = _utils.TRACE_TARGET.set(_utils.H100_SM_COUNT)
+    token = _utils.TRACE_TARGET.set(sm90.SM_COUNT)
     try:
         with _AtenRecorder(events, nonzero_fraction):
             yield events

@@ -48,3 +48,7 @@ import deepspeed, torch, transformers, triton
 print(f"setup: torch {torch.__version__}, deepspeed {deepspeed.__version__}, triton {triton.__version__}, "
       f"transformers {transformers.__version__}")
 PY
+# DeepSpeed's C++ ops (shm collectives, CPU Adam) into the venv's own folder, now rather than in the
+# first run (1-3 min there, and a run killed mid-build used to leave a lock every later run waited on
+# forever). A second set-up only loads them (~3 s). See docs/reliability.md.
+python -m roberta_ds.training.op_builds

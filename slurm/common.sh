@@ -50,18 +50,28 @@ export MASTER_ADDR MASTER_PORT
 echo "roberta-ds: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $NNODES nodes x $TASKS_PER_NODE tasks = world $WORLD," \
      "master $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
 
-# After train.py: exit 99 or the run folder's PREEMPTED marker (written once the checkpoint is
-# complete; srun may report a kill instead of 99 when it ends the slower ranks) = preempted or out
-# of time -> requeue; the requeued job resumes from the run folder's `latest` (train.resume: auto).
-rm -f "$RUN_DIR/PREEMPTED"
+# After train.py. Launchers do not pass its exit code through (torchrun: 1; srun may report a kill
+# when it ends the slower ranks), so the verdict is read from the run folder: EXIT_STATUS's first
+# line `<code> <kind>` (roberta_ds/training/exit_status.py) and the PREEMPTED marker (written once
+# the stop's checkpoint is complete). preempted/stalled -> requeue (the requeued job resumes from
+# `latest`, train.resume: auto); bad-input -> no requeue (it would fail the same way); no file =
+# killed or crashed. Both are removed first so that an old verdict is never read.
+rm -f "$RUN_DIR/PREEMPTED" "$RUN_DIR/EXIT_STATUS"
 finish() {
-  local rc=$1
-  if [ "$rc" -eq 99 ] || [ -f "$RUN_DIR/PREEMPTED" ]; then
+  local rc=$1 code="" kind="none"
+  [ -f "$RUN_DIR/EXIT_STATUS" ] && read -r code kind < "$RUN_DIR/EXIT_STATUS"
+  if [ "$kind" = preempted ] || [ "$kind" = stalled ] || [ "$rc" -eq 99 ] || [ -f "$RUN_DIR/PREEMPTED" ]; then
     rm -f "$RUN_DIR/PREEMPTED"
-    echo "roberta-ds: checkpoint saved after a stop signal; requeueing job $SLURM_JOB_ID"
+    echo "roberta-ds: stopped (${kind/none/exit $rc}); requeueing job $SLURM_JOB_ID to resume from $RUN_DIR"
     scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue failed; resubmit to resume from $RUN_DIR"
     exit 0
   fi
-  [ "$rc" -eq 0 ] || echo "roberta-ds: training failed with exit code $rc" >&2
-  exit "$rc"
+  case "$kind" in
+    done) exit 0 ;;
+    bad-input) echo "roberta-ds: bad input, not requeued: $(sed -n 2p "$RUN_DIR/EXIT_STATUS")" >&2; exit 2 ;;
+    nonfinite) echo "roberta-ds: stopped on non-finite losses (exit 98), not requeued" >&2; exit 98 ;;
+  esac
+  [ "$rc" -eq 0 ] && [ "$kind" = none ] && exit 0
+  echo "roberta-ds: training failed (launcher exit $rc, status ${code:-none} $kind)" >&2
+  exit "$(( rc == 0 ? 1 : rc ))"
 }

@@ -1,4 +1,8 @@
-"""Data preparation: roberta-ds `prepare` against the `run_mlm.py` way on the same corpus.
+"""Data preparation: roberta-ds `prepare` at 1 and N workers against the `run_mlm.py` way on the same
+corpus, with peak RSS per worker, the serial fraction and Amdahl projections, and the cost of a resume.
+
+`--corpus sentences:400` builds (once, in --cache-dir) a 400 MB JSONL corpus of real sentences: the
+built-in corpus's sentences reshuffled into documents of 5-40 sentences (real text, not repeated bytes).
 
 The `run_mlm.py` way (transformers' examples/pytorch/language-modeling): `datasets.load_dataset`,
 `.map(tokenize, batched=True, num_proc=N)`, then `.map(group_texts, batched=True, num_proc=N)`,
@@ -8,7 +12,14 @@ and the same block length; bytes are everything each leaves on disk for training
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,88 +62,162 @@ def run_mlm_way(corpus: Path, tokenizer_dir: Path, seq_len: int, num_proc: int, 
         "bytes_per_token": _du(cache) / tokens,
         "token_bytes_per_token": _du(cache) / tokens,
         "blocks": len(grouped),
+        "peak_rss_gb_per_process": None,
     }
 
 
-def ours(corpus: Path, tokenizer: str, seq_len: int, num_proc: int, work: Path) -> tuple[dict, Path]:
-    from roberta_ds.data.prepare import prepare
+def sentence_corpus(mb: int, cache_dir: str) -> Path:
+    from roberta_ds.data.corpus import builtin_corpus
 
-    out = work / "ours"
+    out = Path(cache_dir) / f"sentences_{mb}MB.jsonl"
+    if out.is_file():
+        return out
+    sents = []
+    for line in builtin_corpus(cache_dir).open():
+        sents += [s for s in re.split(r"(?<=[.;:?!])\s+", json.loads(line)["text"]) if len(s) > 20]
+    rng, size = random.Random(0), 0
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        while size < mb * 1e6:
+            doc = " ".join(rng.choice(sents) for _ in range(rng.randint(5, 40)))
+            line = json.dumps({"text": doc}) + "\n"
+            f.write(line)
+            size += len(line)
+    tmp.rename(out)
+    return out
+
+
+def _prepare_cmd(corpus: Path, out: Path, tokenizer: str, seq_len: int, workers: int, task_bytes: int):
+    return [sys.executable, "-m", "roberta_ds.prepare", str(corpus), "--out", str(out),
+            "--tokenizer", tokenizer, "--seq-len", str(seq_len), "--workers", str(workers),
+            "--task-bytes", str(task_bytes), "--no-progress"]  # fmt: skip
+
+
+def run_watched(cmd: list[str], stop=None) -> tuple[float, float, bool]:
+    """(seconds, peak RSS of any one process of the tree in GB, stopped?) for `cmd`; `stop()` true
+    SIGKILLs the whole process group (the resume measurement)."""
+    import psutil
+
     t0 = time.perf_counter()
-    prepare(
-        [str(corpus)],
-        out,
-        tokenizer=tokenizer,
-        seq_len=seq_len,
-        num_proc=num_proc,
-        valid_every=0,
-        progress=False,
-    )
-    seconds = time.perf_counter() - t0
-    import json
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak, stopped, top = 0, False, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            for p in [top, *top.children(recursive=True)]:
+                if "resource_tracker" not in " ".join(p.cmdline()):
+                    peak = max(peak, p.memory_info().rss)
+        except psutil.Error:
+            pass
+        if stop and stop():
+            os.killpg(proc.pid, signal.SIGKILL)
+            stopped = True
+            proc.wait()
+            break
+        time.sleep(0.1)
+    if not stopped and proc.returncode:
+        raise RuntimeError(f"{cmd}: exit {proc.returncode}: {proc.stderr.read()[-2000:]}")
+    return time.perf_counter() - t0, peak / 1e9, stopped
 
+
+def ours(corpus, tokenizer, seq_len, workers, work, task_bytes, kill_at=None) -> dict:
+    out = work / f"ours_w{workers}_{'resume' if kill_at else 'plain'}"
+    cmd = _prepare_cmd(corpus, out, tokenizer, seq_len, workers, task_bytes)
+    killed = 0.0
+    if kill_at:  # SIGKILL once kill_at of the tasks are complete, then rerun: the rerun is the cost
+
+        def stop():
+            n = (
+                len(json.loads((out / "tasks.json").read_text())["tasks"])
+                if (out / "tasks.json").is_file()
+                else 0
+            )
+            return n and len(list((out / "tasks").glob("task_?????"))) >= kill_at * n
+
+        killed, _, stopped = run_watched(cmd, stop)
+        assert stopped, "prepare finished before the kill: use a larger corpus"
+    seconds, rss, _ = run_watched(cmd)
     meta = json.loads((out / "metadata.json").read_text())
     tokens = meta["num_tokens"]
-    token_bytes = _du(out) - _du(out / "tokenizer")  # shards, index, metadata: what grows with the corpus
-    return (
-        {
-            "method": "roberta-ds prepare (packed uint16 shards)",
-            "seconds": seconds,
-            "tokens": tokens,
-            "tokens_per_s": tokens / seconds,
-            "bytes_on_disk": _du(out),
-            "bytes_per_token": _du(out) / tokens,
-            "token_bytes_per_token": token_bytes / tokens,
-            "blocks": meta["num_blocks"],
-        },
-        out / "tokenizer",
-    )
+    row = {
+        "method": f"roberta-ds prepare, {workers} worker(s)"
+        + (f", rerun after SIGKILL at {kill_at:.0%}" if kill_at else ""),
+        "workers": workers,
+        "seconds": seconds,
+        "seconds_before_kill": killed or None,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_s_per_worker": tokens / seconds / workers,
+        "peak_rss_gb_per_process": rss,
+        "tasks": meta["report"]["tasks"],
+        "bytes_per_token": _du(out) / tokens,
+        "blocks": meta["num_blocks"],
+    }
+    return row, out / "tokenizer"
 
 
 def main(args) -> int:
     from roberta_ds.data.corpus import builtin_corpus
 
-    corpus = Path(args.corpus) if args.corpus != "builtin" else builtin_corpus(args.cache_dir)
+    if args.corpus.startswith("sentences:"):
+        corpus = sentence_corpus(int(args.corpus.split(":")[1]), args.cache_dir)
+    else:
+        corpus = Path(args.corpus) if args.corpus != "builtin" else builtin_corpus(args.cache_dir)
+    size = corpus.stat().st_size
+    task_bytes = max(1 << 20, size // 20)  # 20 tasks: a kill at 60% lands between tasks' ends
+    n = args.num_proc
     work = Path(tempfile.mkdtemp(prefix="rds-bench-data-"))
     try:
-        ours_row, tok_dir = ours(corpus, args.tokenizer, args.seq_len, args.num_proc, work)
-        hf_row = run_mlm_way(corpus, tok_dir, args.seq_len, args.num_proc, work)
+        one, tok_dir = ours(corpus, args.tokenizer, args.seq_len, 1, work, task_bytes)
+        many, _ = ours(corpus, args.tokenizer, args.seq_len, n, work, task_bytes)
+        resumed, _ = ours(corpus, args.tokenizer, args.seq_len, n, work, task_bytes, kill_at=0.6)
+        hf = run_mlm_way(corpus, tok_dir, args.seq_len, n, work)
+        hf.update(workers=n, tokens_per_s_per_worker=hf["tokens_per_s"] / n)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    speedup = one["seconds"] / many["seconds"]
+    serial = max(0.0, (n / speedup - 1) / (n - 1)) if n > 1 else 0.0  # Karp-Flatt: measured serial share
+    amdahl = {w: 1 / (serial + (1 - serial) / w) / w for w in (64, 1024)}
+    summary = {
+        "speedup": speedup,
+        "efficiency": speedup / n,
+        "serial_fraction": serial,
+        "efficiency_64": amdahl[64],
+        "efficiency_1024": amdahl[1024],
+        "resume_cost": resumed["seconds"] / many["seconds"],
+        "vs_run_mlm_per_worker": many["tokens_per_s_per_worker"] / hf["tokens_per_s_per_worker"],
+    }
     info = env_info()
     rows = [
-        {
-            "bench": "data",
-            **info,
-            "corpus": str(corpus),
-            "corpus_mb": round(corpus.stat().st_size / 1e6, 2),
-            "tokenizer": args.tokenizer,
-            "seq_len": args.seq_len,
-            "num_proc": args.num_proc,
-            **r,
-        }
-        for r in (ours_row, hf_row)
-    ]
+        {"bench": "data", **info, "corpus": str(corpus), "corpus_mb": round(size / 1e6, 1),
+         "tokenizer": args.tokenizer, "seq_len": args.seq_len, "num_proc": n, **r, **summary}
+        for r in (one, many, resumed, hf)
+    ]  # fmt: skip
+    cols = ["method", "seconds", "tokens_per_s", "tokens_per_s_per_worker", "peak_rss_gb_per_process",
+            "bytes_per_token"]  # fmt: skip
     print(
         f"data preparation, {info['device']}, commit {info['commit']}, corpus {corpus} "
-        f"({rows[0]['corpus_mb']} MB), tokenizer {args.tokenizer}, seq {args.seq_len}, "
-        f"{args.num_proc} processes"
+        f"({rows[0]['corpus_mb']} MB, {one['tasks']} tasks), tokenizer {args.tokenizer}, seq {args.seq_len}"
     )
-    print_table(
-        rows,
-        [
-            "method",
-            "seconds",
-            "tokens",
-            "tokens_per_s",
-            "bytes_on_disk",
-            "bytes_per_token",
-            "token_bytes_per_token",
-        ],
-    )
-    print(
-        f"speed-up {ours_row['tokens_per_s'] / hf_row['tokens_per_s']:.2f}x, "
-        f"disk {hf_row['bytes_per_token'] / ours_row['bytes_per_token']:.1f}x smaller"
-    )
+    print_table(rows, cols)
+    lines = [f"{k}: {v:.3f}" for k, v in summary.items()]
+    print("\n".join(lines))
     append_csv(args.csv, rows)
+    md = Path(args.csv).with_suffix(".md")
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    table += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    md.write_text(
+        f"Measured {info['date']} on {info['device']}, torch {info['torch']}, commit {info['commit']}; "
+        f"corpus "
+        f"{corpus.name} ({rows[0]['corpus_mb']} MB), tokenizer {args.tokenizer}, seq_len {args.seq_len}\n\n"
+        + "\n".join(table)
+        + "\n\n"
+        + "\n".join(f"- {x}" for x in lines)
+        + "\n"
+    )
     return 0
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return "" if v is None else str(v)

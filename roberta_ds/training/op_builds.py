@@ -1,10 +1,10 @@
 """DeepSpeed's C++ ops, built once per virtualenv and never waited on forever.
 
 DeepSpeed compiles its C++ ops just in time on first use (on CPU: the shared-memory collectives,
-~30 s, and CPU Adam for offload configs, ~1-2 min) through torch's cpp_extension, which guards each
-build folder with a `lock` file that it creates and deletes. A build killed part-way (torchrun's
-SIGKILL 30 s after a Ctrl-C, a scheduler's kill, the OOM killer) leaves that file, and every later
-load of the op then sleeps on it forever, printing nothing. Here:
+~60 s, and CPU Adam for offload configs, ~100 s, on a 2-core host) through torch's cpp_extension,
+which guards each build folder with a `lock` file that it creates and deletes. A build killed
+part-way (torchrun's SIGKILL 30 s after a Ctrl-C, a scheduler's kill, the OOM killer) leaves that
+file, and every later load of the op then sleeps on it forever, printing nothing. Here:
 
 - ops build into a folder owned by the virtualenv (`<sys.prefix>/torch_extensions`, unless
   TORCH_EXTENSIONS_DIR is set), so two virtualenvs never rebuild one folder over each other;
@@ -21,20 +21,37 @@ import contextlib
 import fcntl
 import logging
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("roberta_ds.op_builds")
 
 # What each op is for; DeepSpeed's builder class names (accelerator.create_op_builder).
 OPS = {"shm_comm": "ShareMemCommBuilder", "cpu_adam": "CPUAdamBuilder"}
 
 
 def extensions_dir() -> Path:
-    """The folder torch's cpp_extension builds into, the virtualenv's by default (set in the
-    environment, so DeepSpeed's own loads inside deepspeed.initialize use it too)."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    """The folder torch's cpp_extension builds into: the virtualenv's by default (set in the
+    environment, so DeepSpeed's own loads inside deepspeed.initialize use it too). A Python that
+    is no virtualenv and cannot be written keeps torch's default (~/.cache/torch_extensions)."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        if sys.prefix != sys.base_prefix or os.access(sys.prefix, os.W_OK):
+            os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+        else:
+            from torch.utils.cpp_extension import get_default_build_root
+
+            os.environ["TORCH_EXTENSIONS_DIR"] = get_default_build_root()
     return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def _try_lock(f) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 @contextlib.contextmanager
@@ -43,8 +60,23 @@ def build_guard():
     root = extensions_dir()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".build.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # another process of ours is building: wait for it (it is alive)
+        # The ranks of a node come here together and load in ~1 s each: only a longer wait (a
+        # live build of ours; a dead builder's flock is gone) is worth a message.
+        deadline = time.monotonic() + 5
+        while not _try_lock(f) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _try_lock(f):
+            f.seek(0)
+            log.warning(
+                "waiting for process %s, which is building DeepSpeed's ops in %s",
+                f.read().strip() or "?",
+                root,
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
+            f.truncate(0)
+            f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
             for baton in root.glob("*/lock"):
                 log.warning("removing %s, left by a build of %s that was killed", baton, baton.parent.name)
                 baton.unlink(missing_ok=True)
@@ -64,6 +96,7 @@ def needed_ops(offload: bool = False) -> list[str]:
 def ensure_built(ops: list[str]) -> None:
     """Build (or just load, when built) each op under the guard. An op this machine cannot build
     is left to DeepSpeed, which falls back (shm_comm) or raises its own error (cpu_adam)."""
+    extensions_dir()  # even with nothing to build here: DeepSpeed's later JIT loads land there too
     if not ops:
         return
     with build_guard():

@@ -73,7 +73,7 @@ def prepared(corpus_dir, tmp_path_factory):
         tokenizer="train",
         vocab_size=400,
         seq_len=64,
-        valid_every=10,
+        valid_fraction=0.1,
         num_proc=1,
         progress=False,
     )
@@ -94,7 +94,7 @@ def words_dataset(kjv_dataset, tmp_path_factory):
         d / "ds",
         tokenizer=str(kjv_dataset / "tokenizer"),
         seq_len=64,
-        valid_every=10,
+        valid_fraction=0.1,
         num_proc=1,
         progress=False,
     )

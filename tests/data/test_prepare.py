@@ -6,6 +6,11 @@ from transformers import AutoTokenizer
 
 from roberta_ds.data.dataset import DatasetError, PackedDataset
 from roberta_ds.data.prepare import PrepareError, prepare, token_dtype
+from roberta_ds.data.tasks import SPLIT_KEY, threshold, unit_hash
+
+
+def held_out(doc: str, fraction: float = 0.1) -> bool:
+    return unit_hash(doc, SPLIT_KEY) < threshold(fraction)
 
 
 def test_metadata_and_exact_token_counts(prepared):
@@ -17,7 +22,8 @@ def test_metadata_and_exact_token_counts(prepared):
     lengths = [len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs]  # + </s>
     assert meta["num_tokens"] == sum(lengths)
     assert meta["num_documents"] == len(docs)
-    valid = [n for i, n in enumerate(lengths) if i % 10 == 9]
+    valid = [n for d, n in zip(docs, lengths) if held_out(d)]
+    assert 0.05 * len(docs) < len(valid) < 0.15 * len(docs)  # --valid-fraction 0.1
     assert meta["splits"]["valid"]["num_tokens"] == sum(valid)
     assert meta["splits"]["valid"]["num_documents"] == len(valid)
     train_tokens = meta["splits"]["train"]["num_tokens"]
@@ -29,7 +35,7 @@ def test_full_sentences_block_layout(prepared):
     out, docs = prepared
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
     ds = PackedDataset(out, "train")
-    train_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
+    train_docs = [d for d in docs if not held_out(d)]
     stream = np.concatenate([tok(d, add_special_tokens=False)["input_ids"] + [2] for d in train_docs])
     bodies = []
     for i in range(len(ds)):
@@ -59,7 +65,7 @@ def test_prepare_reuses_and_refuses_other_settings(prepared, corpus_dir):
         tokenizer="train",
         vocab_size=400,
         seq_len=64,
-        valid_every=10,
+        valid_fraction=0.1,
         num_proc=1,
         progress=False,
     )
@@ -81,19 +87,18 @@ def test_interrupted_prepare_never_looks_finished(corpus_dir, tmp_path, monkeypa
     out = tmp_path / "ds"
     import roberta_ds.data.prepare as P
 
-    def boom(self, seq_len):
+    def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(P.SplitWriter, "close", boom)
+    monkeypatch.setattr(P, "finalize", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(d / "docs.jsonl")], out, vocab_size=400, seq_len=64, num_proc=1, progress=False)
-    assert not out.exists() and not (tmp_path / "ds.tmp").exists()  # a failed prepare cleans up
-    (tmp_path / "ds.tmp").mkdir()  # what a killed one leaves
+    assert not (out / "metadata.json").exists()  # finished tasks stay, the dataset is not one yet
     with pytest.raises(DatasetError, match="unfinished prepare"):
         PackedDataset(out)
     monkeypatch.undo()
-    prepare([str(d / "docs.jsonl")], out, vocab_size=400, seq_len=64, num_proc=1, progress=False)  # restarts
-    assert len(PackedDataset(out)) > 0 and not (tmp_path / "ds.tmp").exists()
+    prepare([str(d / "docs.jsonl")], out, vocab_size=400, seq_len=64, num_proc=1, progress=False)  # resumes
+    assert len(PackedDataset(out)) > 0 and not list(tmp_path.glob("ds.tmp*"))
 
 
 def test_text_files_in_a_folder_with_multiprocess_tokenising(tmp_path):
@@ -139,9 +144,10 @@ def test_corrupt_shard_is_reported(prepared, tmp_path):
     out, _ = prepared
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    (copy / "train_00000.bin").write_bytes(b"\0\0")
+    (copy / "tasks" / "task_00000" / "train.bin").write_bytes(b"\0\0")
+    ds = PackedDataset(copy)  # shards are opened on first use: start-up reads the index only
     with pytest.raises(DatasetError, match="missing or truncated shard"):
-        PackedDataset(copy)
+        ds[0]
 
 
 def test_prepare_cli_reports_bad_input_and_writes_nothing(tmp_path):
@@ -165,3 +171,13 @@ def test_prepare_cli_reports_bad_input_and_writes_nothing(tmp_path):
     assert res.returncode == 2
     assert f"prepare: error: input not found: {tmp_path / 'missing.txt'}" in res.stderr
     assert not (tmp_path / "ds").exists()
+
+
+def test_held_out_rebuilds_the_valid_split_of_both_formats(prepared):
+    from roberta_ds.data.tasks import held_out as rule
+
+    out, docs = prepared
+    settings = json.loads((out / "metadata.json").read_text())["settings"]
+    valid = [d for i, d in enumerate(docs) if rule(d, i, settings)]
+    assert valid == [d for d in docs if held_out(d)]
+    assert [i for i in range(12) if rule("x", i, {"valid_every": 5})] == [4, 9]

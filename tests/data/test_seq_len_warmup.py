@@ -24,13 +24,15 @@ def test_seq_len_at_given_steps():
 
 
 def test_short_blocks_cut_the_same_stream_across_shards(kjv_dataset, tmp_path):
-    """Blocks of 24 from 64-token prepared blocks in shards of 3 blocks: <s> + 22 stream tokens + </s>,
-    every token served once, in order, across prepared-block and shard boundaries."""
+    """Blocks of 24 from 64-token prepared blocks in many shards (prepare tasks of 20 KB of input):
+    <s> + 22 stream tokens + </s>, every token served once, in order, across prepared-block and shard
+    boundaries."""
     src = json.loads((kjv_dataset / "metadata.json").read_text())["settings"]["inputs"]
     out = prepare(src, tmp_path / "ds", tokenizer=str(kjv_dataset / "tokenizer"), seq_len=64, valid_every=15,
-                  shard_blocks=3, num_proc=1, progress=False)  # fmt: skip
+                  task_bytes=20_000, num_proc=1, progress=False)  # fmt: skip
     full, short = PackedDataset(out), PackedDataset(out, seq_len=24)
-    assert len(full.shards) > 2 and len(short) == -(-full.num_tokens // 22)
+    assert len(full.parts) > 2 and len(short) == -(-full.num_tokens // 22)
+    doc_offsets = np.concatenate([short._doc_starts(k) for k in range(len(short.parts))])
 
     def body(ds, i):
         ids = ds[i]["input_ids"]
@@ -45,7 +47,7 @@ def test_short_blocks_cut_the_same_stream_across_shards(kjv_dataset, tmp_path):
     # document numbers start at 0 in each block and match the stream's document offsets
     for i in (0, 7, 8, len(short) - 1):
         seg, n = short[i]["segment_ids"], len(body(short, i))
-        docs = np.searchsorted(short.doc_offsets, 22 * i + np.arange(n), side="right")
+        docs = np.searchsorted(doc_offsets, 22 * i + np.arange(n), side="right")
         assert seg[0] == 0 and seg[1 : n + 1].tolist() == (docs - docs[0]).tolist()
 
 

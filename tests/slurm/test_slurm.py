@@ -119,3 +119,37 @@ def test_deepspeed_launcher_variant_with_generated_hostfile(cluster, kjv_dataset
     assert "127.0.0.1 slots=2" in text and "127.0.0.2 slots=2" in text  # hostfile from SLURM_JOB_NODELIST
     assert "global batch 16 = micro 4 x accumulation 1 x 4 ranks" in text
     assert sorted(losses(tmp_path / "run")) == list(range(1, 7))
+
+
+@pytest.mark.parametrize(
+    "status, rc, requeued, code",
+    [
+        ("99 preempted", 1, True, 0),  # torchrun's 1 for a rank's 99
+        ("99 stalled", 1, True, 0),
+        ("2 bad-input", 1, False, 2),
+        ("98 nonfinite", 1, False, 98),
+        ("0 done", 0, False, 0),
+        (None, 137, False, 137),  # killed outright: no verdict written
+    ],
+)
+def test_the_scripts_act_on_exit_status_not_on_the_launchers_code(status, rc, requeued, code, tmp_path):
+    """common.sh's finish(), alone (no Slurm): requeue on preempted/stalled, never on bad input."""
+    import subprocess
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if status:
+        (run / "EXIT_STATUS").write_text(f"{status}\ntrain.py: error: the message\n")
+    (tmp_path / "scontrol").write_text('#!/bin/sh\necho "scontrol $*"\n')
+    (tmp_path / "scontrol").chmod(0o755)
+    script = (
+        f"export PATH={tmp_path}:$PATH RUN_DIR={run} SLURM_JOB_ID=7\n"
+        'die() { echo "error: $*" >&2; exit 1; }\n'
+        f"eval \"$(sed -n '/^finish()/,/^}}/p' {ROOT}/slurm/common.sh)\"\n"
+        f"finish {rc}\n"
+    )
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert ("scontrol requeue 7" in r.stdout) == requeued, r.stdout + r.stderr
+    if status == "2 bad-input":
+        assert "bad input, not requeued: train.py: error: the message" in r.stderr

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.training.conftest import ROOT, env, free_port, losses, write_config, write_ds
+from tests.training.conftest import ROOT, env, free_port, launch_cmd, losses, write_config, write_ds
 
 pytestmark = pytest.mark.multiproc
 
@@ -106,3 +106,36 @@ def test_the_slurm_scripts_leave_the_rank_mapping_to_python():
     """One owner: no script under slurm/ sets torch's rank variables (fill_env_from_slurm does)."""
     for script in (ROOT / "slurm").iterdir():
         assert not re.search(r"\b(RANK|LOCAL_RANK|WORLD_SIZE)=", script.read_text()), script
+
+
+# What each launcher returns for a bad input (the ranks exit 2), as measured; EXIT_STATUS holds the
+# verdict whatever it is. The table is in docs/reliability.md.
+BAD_INPUT_RC = {"python": 2, "torchrun": 1, "deepspeed": 2, "mpirun": 2}
+
+
+@pytest.mark.parametrize("launcher", sorted(BAD_INPUT_RC))
+def test_a_bad_input_is_told_apart_under_every_launcher(launcher, kjv_dataset, tmp_path):
+    if launcher == "mpirun" and shutil.which("mpirun") is None:
+        pytest.skip("Open MPI not installed (scripts/setup.sh installs it)")
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, run_dir, lr=-1.0)
+    ds = write_ds(tmp_path / "ds.json")
+    if launcher == "mpirun":
+        cmd = [
+            "mpirun",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            *launch_cmd("python", 1, cfg, ds),
+        ]
+    else:
+        cmd = launch_cmd(launcher, 1 if launcher == "python" else 2, cfg, ds)
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    msg = f"train.py: error: {cfg}: train: train.lr=-1.0 must be >= 0"
+    assert r.returncode == BAD_INPUT_RC[launcher], r.stdout[-2000:] + r.stderr[-2000:]
+    assert (run_dir / "EXIT_STATUS").read_text().rstrip() == f"2 bad-input\n{msg}"  # then padding
+    assert 'train.py", line' not in r.stderr  # no rank's own traceback (torchrun has its own)
+    if launcher == "torchrun":  # its ~40-line report ends with the rank's message
+        tail = [line for line in r.stderr.splitlines() if line.strip()][-2]
+        assert tail == f"  traceback : {msg}"

@@ -1,0 +1,107 @@
+"""Start a real launch in its own session and wait for its progress (a plain module: the style
+keeps test helpers out of conftest imports)."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from tests.training.conftest import ROOT, env, losses
+
+
+class Launch:
+    """A launcher process (and its ranks) in a new session, its output collected with the time
+    each line arrived, so a test can tell when a message was printed."""
+
+    def __init__(self, cmd: list[str], run_dir, extra_env: dict | None = None):
+        self.run_dir = run_dir
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=dict(env(), **(extra_env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.time(), line))
+
+    @property
+    def out(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def wait_for_step(self, step: int, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            if (self.run_dir / "metrics.jsonl").exists() and max(losses(self.run_dir), default=0) >= step:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"step {step} not reached in {timeout} s:\n{self.out[-3000:]}")
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def first_line_with(self, text: str) -> float | None:
+        return next((t for t, line in self.lines if text in line), None)
+
+    def descendants(self) -> list[int]:
+        """Every process below the launcher (torch 2.13's torchrun starts its ranks in sessions of
+        their own, so a process group does not reach them)."""
+        ps = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+        children: dict[int, list[int]] = {}
+        for pid, ppid in (map(int, line.split()) for line in ps.splitlines()):
+            children.setdefault(ppid, []).append(pid)
+        found, todo = [], [self.proc.pid]
+        while todo:
+            kids = children.get(todo.pop(), [])
+            found += kids
+            todo += kids
+        return found
+
+    def ranks(self) -> dict[int, int]:
+        """{RANK: pid} of the processes the launcher started: those with a RANK whose parent has
+        none (a DataLoader worker inherits its rank's environment)."""
+
+        def rank_of(pid) -> int | None:
+            try:
+                env_ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                return None
+            return next((int(e[5:]) for e in env_ if e.startswith(b"RANK=")), None)
+
+        found = {}
+        for pid in self.descendants():
+            try:
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            rank = rank_of(pid)
+            if rank is not None and rank_of(parent) is None:
+                found[rank] = pid
+        return found
+
+    def kill(self) -> None:
+        """Teardown: the launcher and every process below it, stopped ones included."""
+        for pid in [*self.descendants(), self.proc.pid]:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        self.proc.wait(timeout=30)
+
+
+def ranks_alive(run_dir) -> list[str]:
+    out = subprocess.run(
+        ["pgrep", "-f", f"--config {run_dir.parent}/run.yaml"], capture_output=True, text=True
+    )
+    return [p for p in out.stdout.split() if int(p) != os.getpid()]
