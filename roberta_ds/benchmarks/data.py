@@ -175,7 +175,8 @@ def main(args) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     speedup = one["seconds"] / many["seconds"]
-    serial = max(0.0, (n / speedup - 1) / (n - 1)) if n > 1 else 0.0  # Karp-Flatt: measured serial share
+    # Karp-Flatt: the serial share the measured speed-up implies (1 when there was none: contention)
+    serial = min(1.0, max(0.0, (n / speedup - 1) / (n - 1))) if n > 1 else 0.0
     amdahl = {w: 1 / (serial + (1 - serial) / w) / w for w in (64, 1024)}
     summary = {
         "speedup": speedup,

@@ -60,10 +60,10 @@ class Progress:
         self.last_print = now
         k, b, d, n = self._counts()
         dt = max(now - self.t0, 1e-9)
-        eta = (self.total - b) / (b / dt) if b else float("nan")
+        eta = f"{(self.total - b) / (b / dt):,.0f}s" if b else "?"
         line = (
             f"prepare {self.stage}: tasks {k}/{len(self.tasks)} (+{self.skipped} done before), "
-            f"{_mb(b)}/{_mb(self.total)}, {d:,} docs, {n / dt:,.0f} tokens/s, ETA {eta:,.0f}s"
+            f"{_mb(b)}/{_mb(self.total)}, {d:,} docs, {n / dt:,.0f} tokens/s, ETA {eta}"
         )
         print(line, end="\r" if self.tty else "\n", file=sys.stderr, flush=True)
 

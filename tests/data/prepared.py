@@ -36,11 +36,13 @@ def dataset_bytes(out: Path) -> dict[str, bytes]:
     return files
 
 
-def same_blocks(a, b) -> bool:
-    """Two PackedDatasets serve the same blocks (ids and document numbers)."""
+def same_blocks(a, b, n: int = 3000) -> bool:
+    """Two PackedDatasets serve the same blocks (ids and document numbers): n random ones, the first
+    and the last (every block when there are fewer)."""
     if len(a) != len(b):
         return False
-    for i in range(len(a)):
+    idx = range(len(a)) if len(a) <= n else [0, len(a) - 1, *np.random.default_rng(0).choice(len(a), n)]
+    for i in idx:
         x, y = a[i], b[i]
         if not all(np.array_equal(x[k].numpy(), y[k].numpy()) for k in ("input_ids", "segment_ids")):
             return False
