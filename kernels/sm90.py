@@ -1,5 +1,5 @@
 """The sm_90 (H100/H200) hardware facts, in one place: the ops size their tiles by them, the static
-report (kernel_tools-to-be: trace, sass, cost_model, compile_check, perf_report) checks and models
+report (trace, sass, cost_model, compile_check, perf_report) checks and models
 against them. Figures from NVIDIA's Hopper tuning guide (compute capability 9.0 limits) and the
 H100 SXM datasheet; the two measured rates name how they were measured."""
 
