@@ -1,8 +1,10 @@
 """Offline evaluation tasks cut from the built-in corpus (roberta_ds/data/corpus.py).
 
-Held out: `prepare` sends every `valid_every`-th document (50 for the built-in corpus) to the valid
-split, so sentences of those documents were never trained on by a model trained on the built-in
-data. Two tasks come from them:
+Held out: `prepare` sends a document to the valid split by a hash of its text (`--valid-fraction`,
+2% for the built-in corpus; every `valid_every`-th document in datasets of format 1), and
+`roberta_ds.data.tasks.held_out` rebuilds that choice from the dataset's settings, so sentences of
+held-out documents were never trained on by a model trained on the built-in data. Two tasks come
+from them:
 - cloze: a held-out sentence with one content word (not a function word, one BPE token with its
   leading space) replaced by <mask>; scored top-1 / top-5 on that token.
 - source: which of Old Testament / New Testament / Python documentation a sentence comes from
@@ -15,9 +17,11 @@ import random
 import re
 from collections.abc import Iterator
 
-from roberta_ds.data.corpus import kjv_documents, python_doc_documents
+from roberta_ds.data import tasks
+from roberta_ds.data.corpus import BUILTIN_VALID_FRACTION, kjv_documents, python_doc_documents
 
-BUILTIN_VALID_EVERY = 50  # roberta_ds.data.corpus.prepare_builtin
+# metadata.json's settings of the built-in dataset as prepare_builtin writes it (the split's owner)
+BUILTIN_SETTINGS = {"valid_fraction": BUILTIN_VALID_FRACTION}
 SOURCE_LABELS = ("old testament", "new testament", "python docs")
 # English function words: a cloze on them measures little (the current Quickstart's fill-mask answers
 # ',' ' the' ' and' for everything); content words need the context.
@@ -35,17 +39,19 @@ _WORD = re.compile(r"[A-Za-z]+")
 _PROSE = re.compile(r"^[A-Za-z][A-Za-z ,;:'.?!()-]+[.;:?!]$")  # no markup, code or numbers
 
 
-def documents(valid_every: int = BUILTIN_VALID_EVERY) -> Iterator[tuple[int, bool, str]]:
-    """(label index, held out?, text) for the built-in corpus in `prepare`'s document order.
+def documents(settings: dict | None = None) -> Iterator[tuple[int, bool, str]]:
+    """(label index, held out?, text) for the built-in corpus in `prepare`'s document order, held
+    out as the dataset prepared with `settings` (metadata.json's; default the built-in dataset's).
     The New Testament starts at the first document beginning with Matthew 1:1."""
+    settings = settings or BUILTIN_SETTINGS
     label = 0
     for i, doc in enumerate(kjv_documents()):
         if doc.startswith("The book of the generation of Jesus Christ"):
             label = 1
-        yield label, i % valid_every == valid_every - 1, doc
+        yield label, tasks.held_out(doc, i, settings), doc
     n = i + 1
     for j, doc in enumerate(python_doc_documents()):
-        yield 2, (n + j) % valid_every == valid_every - 1, doc
+        yield 2, tasks.held_out(doc, n + j, settings), doc
 
 
 def sentences(text: str, min_words: int = 6, max_words: int = 40) -> list[str]:
@@ -59,11 +65,11 @@ def sentences(text: str, min_words: int = 6, max_words: int = 40) -> list[str]:
     return out
 
 
-def split_sentences(valid_every: int = BUILTIN_VALID_EVERY) -> dict[bool, list[tuple[int, str]]]:
-    """{held_out: [(label, sentence), ...]} over the whole corpus."""
+def split_sentences(settings: dict | None = None) -> dict[bool, list[tuple[int, str]]]:
+    """{held_out: [(label, sentence), ...]} over the whole corpus (`settings` as for documents)."""
     out: dict[bool, list[tuple[int, str]]] = {False: [], True: []}
-    for label, held_out, doc in documents(valid_every):
-        out[held_out].extend((label, s) for s in sentences(doc))
+    for label, held, doc in documents(settings):
+        out[held].extend((label, s) for s in sentences(doc))
     return out
 
 

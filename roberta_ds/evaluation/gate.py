@@ -26,8 +26,8 @@ def run(
     width (finetune.default_lr)."""
     t0 = time.perf_counter()
     loaded = probes.load(path)
-    # The built-in corpus's held-out documents; a run on its own data uses that data's --valid-every.
-    corpus = corpus_tasks.split_sentences(loaded.valid_every or corpus_tasks.BUILTIN_VALID_EVERY)
+    # The built-in corpus's held-out documents, as the run's dataset chose them (its settings).
+    corpus = corpus_tasks.split_sentences(loaded.split_settings)
     tok = loaded.tokenizer
     items = corpus_tasks.cloze_items(tok, corpus, n_cloze)
     task = corpus_tasks.source_task(corpus)

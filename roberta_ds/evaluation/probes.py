@@ -24,7 +24,8 @@ class Loaded:
     tokenizer: object
     name: str
     valid: MLMCollator | None = None  # None for a bare HF folder (no held-out split known)
-    valid_every: int | None = None  # the first dataset's prepare --valid-every (held-out documents)
+    # metadata.json's settings of the first dataset: how prepare chose its held-out documents
+    split_settings: dict | None = None
 
 
 def load(path: str | Path) -> Loaded:
@@ -51,10 +52,10 @@ def load(path: str | Path) -> Loaded:
     model = RobertaMLM(cfg.model)
     model.load_state_dict(consolidated_state_dict(resolve(str(path), path)))
     folders = dataset_folders(cfg.data)
-    valid_every = read_metadata(folders[0])["settings"].get("valid_every")
+    split_settings = read_metadata(folders[0])["settings"]
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(path, yaml.safe_load(cfg_path.read_text())))
     valid = valid_collator(folders, cfg.train.seed, cfg.data)
-    return Loaded(model.eval(), tok, path.name, valid, valid_every)
+    return Loaded(model.eval(), tok, path.name, valid, split_settings)
 
 
 def dataset_folders(data: DataConfig) -> list[Path]:

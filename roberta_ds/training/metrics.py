@@ -99,8 +99,11 @@ class MetricsLog:
                 raise err[0]
         except Exception as e:
             logging.getLogger(__name__).warning(
-                "%s dropped: %s failed (%s: %s); metrics.jsonl keeps every row", name, method,
-                type(e).__name__, e,
+                "%s dropped: %s failed (%s: %s); metrics.jsonl keeps every row",
+                name,
+                method,
+                type(e).__name__,
+                e,
             )
             if lg in self.loggers:
                 self.loggers.remove(lg)

@@ -52,11 +52,17 @@ class StopFlag:
             now = time.monotonic()
             if self._first_interrupt is None:
                 self._first_interrupt = now
-                os.write(2, b"\nCtrl-C: saving a checkpoint at the next step boundary, then exit 99 "
-                         b"(press Ctrl-C again to abort without saving)\n")
+                os.write(
+                    2,
+                    b"\nCtrl-C: saving a checkpoint at the next step boundary, then exit 99 "
+                    b"(press Ctrl-C again to abort without saving)\n",
+                )
             elif now - self._first_interrupt > SECOND_INTERRUPT_AFTER_S:
-                os.write(2, b"\nsecond Ctrl-C: aborting now, without a checkpoint (exit 130); "
-                         b"the run resumes from its last complete checkpoint\n")
+                os.write(
+                    2,
+                    b"\nsecond Ctrl-C: aborting now, without a checkpoint (exit 130); "
+                    b"the run resumes from its last complete checkpoint\n",
+                )
                 os._exit(EXIT_ABORTED)
         if self.reason is None:
             self.reason = f"signal {signal.Signals(signum).name}"
