@@ -13,6 +13,10 @@ from tests.training.conftest import ROOT, env, free_port, launch_cmd, losses, wr
 pytestmark = pytest.mark.multiproc
 
 
+# two ranks under Open MPI as root in a container (more ranks than cores is fine for the tests)
+MPIRUN_2 = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"]
+
+
 @pytest.mark.skipif(
     shutil.which("mpirun") is None, reason="Open MPI not installed (scripts/setup.sh installs it)"
 )
@@ -24,11 +28,7 @@ def test_mpirun_trains_with_mpi4py_discovery(kjv_dataset, tmp_path):
         MASTER_ADDR="127.0.0.1", OMPI_MCA_plm="isolated", OMPI_MCA_btl_vader_single_copy_mechanism="none"
     )
     cmd = [
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        "2",
+        *MPIRUN_2,
         "-x",
         "MASTER_ADDR",
         "-x",
@@ -121,14 +121,7 @@ def test_a_bad_input_is_told_apart_under_every_launcher(launcher, kjv_dataset, t
     cfg = write_config(tmp_path / "run.yaml", kjv_dataset, run_dir, lr=-1.0)
     ds = write_ds(tmp_path / "ds.json")
     if launcher == "mpirun":
-        cmd = [
-            "mpirun",
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            "2",
-            *launch_cmd("python", 1, cfg, ds),
-        ]
+        cmd = [*MPIRUN_2, *launch_cmd("python", 1, cfg, ds)]
     else:
         cmd = launch_cmd(launcher, 1 if launcher == "python" else 2, cfg, ds)
     r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
