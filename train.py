@@ -20,9 +20,15 @@ import warnings
 from pathlib import Path
 
 from roberta_ds.config import load_run_config
-from roberta_ds.errors import EXIT_BAD_INPUT, EXIT_RENDEZVOUS, InputError, RendezvousError
+from roberta_ds.errors import EXIT_BAD_INPUT, EXIT_RENDEZVOUS, InputError, RendezvousError, RunDirInUse
 from roberta_ds.training import exit_status
-from roberta_ds.training.preemption import EXIT_NONFINITE, EXIT_PREEMPTED
+from roberta_ds.training.preemption import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    StopFlag,
+    stopped_message,
+    watch_launcher,
+)
 
 STARTED = time.time()  # a verdict in EXIT_STATUS older than this is a previous run's
 
@@ -64,6 +70,10 @@ def main(argv=None) -> int:
         if v is not None
     }
     run_dir = exit_status.run_dir_of(args.config, args.run_dir)  # where the verdict goes
+    # Before the imports: a Ctrl-C or SIGTERM during start-up is a stop like any other (held until
+    # the first step boundary), and a second Ctrl-C aborts at once.
+    stop = StopFlag(["SIGTERM", "SIGINT"], None, run_dir)
+    watch_launcher()  # a launcher that dies (even during the imports) stops this rank
     exit_status.reserve(run_dir)
     try:
         cfg = load_run_config(args.config, {"train": overrides})  # fast: no torch imported yet
@@ -74,11 +84,13 @@ def main(argv=None) -> int:
         if args.ds_config is None:
             args.ds_config = default_ds_config(Path(__file__).resolve().parent)
             logging.info("no --deepspeed_config given: using %s (fits this device)", args.ds_config)
-        trainer = Trainer(cfg, args.ds_config)
+        trainer = Trainer(cfg, args.ds_config, stop)
         code = trainer.fit()
     except (InputError, RendezvousError) as e:  # one message naming the file / key / value; no traceback
         msg = f"train.py: error: {e}"
         print(msg, file=sys.stderr)
+        if isinstance(e, RunDirInUse):  # the folder's EXIT_STATUS is the live run's
+            return EXIT_BAD_INPUT
         return exit_status.record(
             EXIT_BAD_INPUT if isinstance(e, InputError) else EXIT_RENDEZVOUS, msg, run_dir
         )
@@ -92,7 +104,7 @@ def main(argv=None) -> int:
     trainer.watchdog.finish()  # leaving on purpose: the others must not read it as a stall
     shutdown()  # every rank got here: tear the process group down cleanly
     msg = {
-        EXIT_PREEMPTED: f"train.py: stopped at step {trainer.step}, checkpoint saved: run again to resume",
+        EXIT_PREEMPTED: stopped_message(trainer.step),
         EXIT_NONFINITE: f"train.py: stopped at step {trainer.step} on non-finite losses (see the log)",
     }.get(code, "")
     if msg and trainer.rank == 0:

@@ -16,3 +16,8 @@ class InputError(ValueError):
 
 class RendezvousError(RuntimeError):
     """The process group could not form (EXIT_RENDEZVOUS)."""
+
+
+class RunDirInUse(InputError):
+    """The run folder belongs to a live run (its lock is held): that run's EXIT_STATUS is not ours
+    to write."""

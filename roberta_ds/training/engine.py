@@ -27,7 +27,7 @@ from roberta_ds.data.masking import IGNORE_INDEX, mlm_probability_at
 from roberta_ds.data.sampler import seq_len_at
 from roberta_ds.model import RobertaMLM
 from roberta_ds.model.roberta import flops_per_token
-from roberta_ds.training import checkpoint, ds_config
+from roberta_ds.training import checkpoint, ds_config, exit_status
 from roberta_ds.training.builders import (
     build_data,
     build_loader,
@@ -53,6 +53,7 @@ from roberta_ds.training.preemption import (
     EXIT_PREEMPTED,
     PREEMPTED_MARKER,
     StopFlag,
+    stopped_message,
     watch_launcher,
 )
 from roberta_ds.training.preflight import preflight
@@ -83,12 +84,16 @@ def token_weights(num_masked_K: torch.Tensor, total_masked: torch.Tensor, world:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_config_path: str):
+    def __init__(self, cfg: RunConfig, ds_config_path: str, stop: StopFlag | None = None):
         self.cfg = cfg
         t = cfg.train
-        # First: a stop signal that arrives while building is honoured at the first step boundary.
-        self.stop = StopFlag(["SIGTERM", "SIGINT", t.preempt_signal], t.time_limit_minutes)
-        watch_launcher()
+        # First: a stop signal that arrives while building is honoured at the first step boundary
+        # (train.py passes the flag it armed at start, so the imports before this are covered too).
+        if stop is None:
+            stop = StopFlag([], None, t.run_dir)
+            watch_launcher()
+        self.stop = stop
+        self.stop.arm(["SIGTERM", "SIGINT", t.preempt_signal], t.time_limit_minutes)
         self._lock = None
         try:
             ds_cfg = self._check_inputs(ds_config_path)  # before any process group or model exists
@@ -276,6 +281,9 @@ class Trainer:
                 self.save()
                 if self.rank == 0:  # read by slurm/common.sh: requeue even if srun reports a kill
                     (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
+                # The verdict now, before the loggers close (W&B's can take seconds): a launcher may
+                # kill the ranks soon after its signal (mpirun: 1 s, odls_base_sigkill_timeout).
+                exit_status.record(EXIT_PREEMPTED, stopped_message(self.step), self.run_dir)
                 self.metrics.close()
                 return EXIT_PREEMPTED
             torch.manual_seed(dropout_seed(t.seed, self.step, self.rank))

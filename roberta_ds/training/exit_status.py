@@ -7,7 +7,7 @@ report their own codes (docs/reliability.md has the measured table). So every ra
 its 4 KB from the start, so a verdict can be written on a full disk; `- running` until then):
 
     0 done | 2 bad-input | 3 rendezvous | 98 nonfinite | 99 preempted | 99 stalled (training/watchdog.py)
-    | 1 failed (a crash)
+    | 130 aborted (a second Ctrl-C) | 1 failed (a crash)
 
 A process killed outright (SIGKILL, OOM) writes nothing, so a script removes the file before it
 launches and reads "no file" as failed. Under torchrun the message also goes into the rank's
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 EXIT_STATUS_FILE = "EXIT_STATUS"
-KINDS = {0: "done", 2: "bad-input", 3: "rendezvous", 98: "nonfinite", 99: "preempted"}
+KINDS = {0: "done", 2: "bad-input", 3: "rendezvous", 98: "nonfinite", 99: "preempted", 130: "aborted"}
 
 
 def run_dir_of(config_path: str | None, override: str | None) -> str | None:

@@ -28,6 +28,10 @@ STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def stopped_message(step: int) -> str:
+    return f"train.py: stopped at step {step}, checkpoint saved: run again to resume"
+
+
 EXIT_ABORTED = 130  # a second Ctrl-C: the shell's code for death by SIGINT, no checkpoint
 # A terminal's Ctrl-C reaches every process of the foreground group at once, and torchrun forwards
 # the SIGINT it got to its ranks a moment later: both are one Ctrl-C. Only a SIGINT that comes this
@@ -40,10 +44,19 @@ class StopFlag:
     step boundary instead of a KeyboardInterrupt that loses the steps since the last checkpoint) or
     by the time limit; read at step boundaries."""
 
-    def __init__(self, signal_names: list[str], time_limit_minutes: float | None):
+    def __init__(self, signal_names: list[str], time_limit_minutes: float | None, run_dir=None):
         self.reason: str | None = None
-        self.deadline = time.monotonic() + 60 * time_limit_minutes if time_limit_minutes else None
+        self.deadline = None
+        self.run_dir = run_dir  # where a second Ctrl-C's verdict goes (EXIT_STATUS "130 aborted")
         self._first_interrupt: float | None = None
+        self.arm(signal_names, time_limit_minutes)
+
+    def arm(self, signal_names: list[str], time_limit_minutes: float | None) -> None:
+        """Also stop on these signals and at this limit (from now). train.py arms SIGTERM and
+        SIGINT before anything is imported or read, so that a stop during start-up (imports, the
+        first DeepSpeed build) is held too; the Trainer adds the run's own preempt signal and limit."""
+        if time_limit_minutes:
+            self.deadline = time.monotonic() + 60 * time_limit_minutes
         for name in dict.fromkeys(signal_names):
             signal.signal(signal.Signals[name], self._handler)
 
@@ -58,14 +71,21 @@ class StopFlag:
                     b"(press Ctrl-C again to abort without saving)\n",
                 )
             elif now - self._first_interrupt > SECOND_INTERRUPT_AFTER_S:
-                os.write(
-                    2,
-                    b"\nsecond Ctrl-C: aborting now, without a checkpoint (exit 130); "
-                    b"the run resumes from its last complete checkpoint\n",
-                )
-                os._exit(EXIT_ABORTED)
+                self._abort()
         if self.reason is None:
             self.reason = f"signal {signal.Signals(signum).name}"
+
+    def _abort(self) -> None:
+        os.write(
+            2,
+            b"\nsecond Ctrl-C: aborting now, without a checkpoint (exit 130); "
+            b"the run resumes from its last complete checkpoint\n",
+        )
+        from roberta_ds.training import exit_status  # light: no torch
+
+        msg = "train.py: aborted by a second Ctrl-C, no checkpoint (the run resumes from its last)"
+        exit_status.record(EXIT_ABORTED, msg, self.run_dir, kind="aborted")
+        os._exit(EXIT_ABORTED)
 
     def requested(self) -> bool:
         if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from roberta_ds.config import ConfigError, DataConfig, ModelConfig, RunConfig
+from roberta_ds.errors import RunDirInUse
 from roberta_ds.training.checkpoint import CheckpointError, manifest
 
 LOCK_FILE = ".lock"
@@ -29,7 +30,7 @@ def lock(run_dir: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise ConfigError(
+        raise RunDirInUse(
             f"{run_dir} is in use by another run (process {holder} holds {path}); wait for it to "
             "finish or pick another train.run_dir"
         ) from None

@@ -83,9 +83,26 @@ def launch_cmd(launcher: str, nproc: int, config: Path, ds: Path, *extra: str) -
             f"--num_gpus={nproc}",
             f"--master_port={port}",
         ]
+    elif launcher == "mpirun":  # mpi4py discovery; MASTER_ADDR and the rest from launcher_env
+        cmd = [*MPIRUN, "-np", str(nproc), "-x", "MASTER_ADDR", "-x", "OMP_NUM_THREADS", sys.executable]
     else:
         cmd = [sys.executable]
     return cmd + [str(ROOT / "train.py"), "--config", str(config), "--deepspeed_config", str(ds), *extra]
+
+
+# Open MPI as root in a container (more ranks than cores is fine for the tests)
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+
+
+def launcher_env(launcher: str) -> dict:
+    """env() for a launch; under mpirun without torch's rank variables (mpi4py says who is who)."""
+    e = env()
+    if launcher == "mpirun":
+        e = {k: v for k, v in e.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        e.update(
+            MASTER_ADDR="127.0.0.1", OMPI_MCA_plm="isolated", OMPI_MCA_btl_vader_single_copy_mechanism="none"
+        )
+    return e
 
 
 def launch(launcher: str, nproc: int, config: Path, ds: Path, *extra: str, timeout=300, **_):

@@ -16,12 +16,13 @@ class Launch:
     """A launcher process (and its ranks) in a new session, its output collected with the time
     each line arrived, so a test can tell when a message was printed."""
 
-    def __init__(self, cmd: list[str], run_dir, extra_env: dict | None = None):
+    def __init__(self, cmd: list[str], run_dir, extra_env: dict | None = None, base_env: dict | None = None):
         self.run_dir = run_dir
+        self.started = time.time()
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
-            env=dict(env(), **(extra_env or {})),
+            env=dict(base_env or env(), **(extra_env or {})),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -40,9 +41,16 @@ class Launch:
         return "".join(line for _, line in self.lines)
 
     def wait_for_step(self, step: int, timeout: float = 180) -> None:
+        """Until this launch has logged `step` (rows an earlier session logged past its last
+        checkpoint do not count: a resumed run drops them when it starts logging)."""
         deadline = time.time() + timeout
+        metrics = self.run_dir / "metrics.jsonl"
         while time.time() < deadline and self.proc.poll() is None:
-            if (self.run_dir / "metrics.jsonl").exists() and max(losses(self.run_dir), default=0) >= step:
+            if (
+                metrics.exists()
+                and metrics.stat().st_mtime > self.started
+                and max(losses(self.run_dir), default=0) >= step
+            ):
                 return
             time.sleep(0.2)
         raise AssertionError(f"step {step} not reached in {timeout} s:\n{self.out[-3000:]}")
@@ -90,6 +98,49 @@ class Launch:
             if rank is not None and rank_of(parent) is None:
                 found[rank] = pid
         return found
+
+    def train_processes(self) -> list[int]:
+        """The ranks' main processes under any launcher (plain python: the launch itself): those
+        running `python [-u] .../train.py` whose parent does not (a DataLoader worker's does)."""
+
+        def runs_train(pid) -> bool:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                return False
+            script = next((a for a in argv[1:] if not a.startswith("-")), "")
+            return "python" in Path(argv[0]).name and script.endswith("train.py")
+
+        def parent(pid) -> int:
+            try:
+                return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                return 0
+
+        pids = [self.proc.pid, *self.descendants()]
+        return [p for p in pids if runs_train(p) and not runs_train(parent(p))]
+
+    def wait_for_stop_handlers(self, nproc: int, timeout: float = 120) -> None:
+        """Until each of the nproc ranks has train.py's stop handler installed (SIGTERM caught: a
+        Python process catches SIGINT from its start, SIGTERM only once train.py arms it)."""
+
+        def catches_sigterm(pid) -> bool:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                return False
+            mask = int(
+                next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16
+            )
+            return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            pids = self.train_processes()
+            if len(pids) == nproc and all(map(catches_sigterm, pids)):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{nproc} ranks with stop handlers not seen in {timeout} s:\n{self.out[-3000:]}")
 
     def kill(self) -> None:
         """Teardown: the launcher and every process below it, stopped ones included."""

@@ -123,7 +123,7 @@ def test_truncated_file_of_a_complete_checkpoint_is_named(tmp_path):
 
 
 def test_run_folder_lock_is_exclusive_and_released_on_death(tmp_path):
-    from roberta_ds.config import ConfigError
+    from roberta_ds.errors import RunDirInUse
     from roberta_ds.training.run_dir import lock
 
     code = (
@@ -135,7 +135,7 @@ def test_run_folder_lock_is_exclusive_and_released_on_death(tmp_path):
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(ConfigError, match=rf"{tmp_path} is in use by another run \(process {holder.pid} "):
+    with pytest.raises(RunDirInUse, match=rf"{tmp_path} is in use by another run \(process {holder.pid} "):
         lock(tmp_path)
     holder.kill()
     holder.wait()

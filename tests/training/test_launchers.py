@@ -8,13 +8,18 @@ import sys
 
 import pytest
 
-from tests.training.conftest import ROOT, env, free_port, launch_cmd, losses, write_config, write_ds
+from tests.training.conftest import (
+    ROOT,
+    env,
+    free_port,
+    launch_cmd,
+    launcher_env,
+    losses,
+    write_config,
+    write_ds,
+)
 
 pytestmark = pytest.mark.multiproc
-
-
-# two ranks under Open MPI as root in a container (more ranks than cores is fine for the tests)
-MPIRUN_2 = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"]
 
 
 @pytest.mark.skipif(
@@ -23,24 +28,10 @@ MPIRUN_2 = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"]
 def test_mpirun_trains_with_mpi4py_discovery(kjv_dataset, tmp_path):
     cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run", max_steps=6, save_every=3)
     ds = write_ds(tmp_path / "ds.json")
-    e = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    e.update(
-        MASTER_ADDR="127.0.0.1", OMPI_MCA_plm="isolated", OMPI_MCA_btl_vader_single_copy_mechanism="none"
+    cmd = launch_cmd("mpirun", 2, cfg, ds)
+    res = subprocess.run(
+        cmd, cwd=ROOT, env=launcher_env("mpirun"), capture_output=True, text=True, timeout=300
     )
-    cmd = [
-        *MPIRUN_2,
-        "-x",
-        "MASTER_ADDR",
-        "-x",
-        "OMP_NUM_THREADS",
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--config",
-        str(cfg),
-        "--deepspeed_config",
-        str(ds),
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "world 2" in res.stdout + res.stderr
     assert sorted(losses(tmp_path / "run")) == list(range(1, 7))
@@ -120,11 +111,8 @@ def test_a_bad_input_is_told_apart_under_every_launcher(launcher, kjv_dataset, t
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", kjv_dataset, run_dir, lr=-1.0)
     ds = write_ds(tmp_path / "ds.json")
-    if launcher == "mpirun":
-        cmd = [*MPIRUN_2, *launch_cmd("python", 1, cfg, ds)]
-    else:
-        cmd = launch_cmd(launcher, 1 if launcher == "python" else 2, cfg, ds)
-    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    cmd = launch_cmd(launcher, 1 if launcher == "python" else 2, cfg, ds)
+    r = subprocess.run(cmd, cwd=ROOT, env=launcher_env(launcher), capture_output=True, text=True, timeout=120)
     msg = f"train.py: error: {cfg}: train: train.lr=-1.0 must be >= 0"
     assert r.returncode == BAD_INPUT_RC[launcher], r.stdout[-2000:] + r.stderr[-2000:]
     assert (run_dir / "EXIT_STATUS").read_text().rstrip() == f"2 bad-input\n{msg}"  # then padding

@@ -1,101 +1,236 @@
-"""SIGTERM checkpoints and exits 99 with DataLoader workers under every launcher, ranks never
-outlive their launcher, and a finished run run again rewrites nothing."""
+"""Every stop (Ctrl-C, a second Ctrl-C, SIGTERM to the launcher or to every process) under every
+launcher ends in a checkpoint (or, for the abort, none), a clear exit status and no process left,
+and resuming replays the uninterrupted run; a finished run run again rewrites nothing."""
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.training.conftest import ROOT, launch, launch_cmd, losses, write_config, write_ds
+from roberta_ds.training.preemption import SECOND_INTERRUPT_AFTER_S
+from tests.training.conftest import (
+    ROOT,
+    launch,
+    launch_cmd,
+    launcher_env,
+    losses,
+    write_config,
+    write_ds,
+)
 from tests.training.launching import Launch, ranks_alive
 
 pytestmark = pytest.mark.multiproc
 
 
-# What each launcher returns when its ranks stop on a signal and exit 99, as measured here (the
-# table in docs/reliability.md); EXIT_STATUS says "99 preempted" under all of them.
+# What each launcher returns, as measured here (the table in docs/reliability.md), when its ranks
+# stop on a signal and exit 99 (EXIT_STATUS says "99 preempted" under all of them), per stop.
 PREEMPTED_RC = {
-    "python": 99,
-    "torchrun": 1,
-    "deepspeed": -15,
-}  # -15: the runner dies of the SIGTERM (shell: 143)
+    ("python", "ctrl-c"): {99},
+    ("python", "sigterm-to-the-launcher"): {99},
+    ("python", "sigterm-to-every-process"): {99},
+    ("torchrun", "ctrl-c"): {1},
+    ("torchrun", "sigterm-to-the-launcher"): {1},
+    ("torchrun", "sigterm-to-every-process"): {1},
+    # the runner dies of the SIGTERM (a shell sees 143) and its ranks follow it out
+    ("deepspeed", "ctrl-c"): {-2},  # the runner dies of the SIGINT (a shell: 130)
+    ("deepspeed", "sigterm-to-the-launcher"): {-15},
+    ("deepspeed", "sigterm-to-every-process"): {-15},
+    ("mpirun", "ctrl-c"): {1},
+    ("mpirun", "sigterm-to-the-launcher"): {1},
+    ("mpirun", "sigterm-to-every-process"): {1},
+}
+# ... and after a second Ctrl-C: (code, within seconds, EXIT_STATUS's first line). torchrun does not
+# forward a second SIGINT: it dies of it, and first kills its ranks with SIGKILL at the end of its
+# --shutdown_timeout (30 s by default), so they leave no verdict ("- running" reads as failed).
+ABORTED = {
+    "python": (130, 10, "130 aborted"),
+    "torchrun": (1, 45, "- running"),
+    "deepspeed": (-2, 10, "130 aborted"),
+}
+WANDB_OFFLINE = {"WANDB_MODE": "offline"}  # on, as the Quickstart has it: a logger must not decide
+STRAIGHT_STEPS = 40  # the uninterrupted run the stopped ones must replay, to this step
 
 
-def _check_stopped(run: Launch, code: int, launcher: str) -> int:
-    """The stop's checkpoint, markers and exit status; returns the step it stopped at."""
-    run_dir, out = run.run_dir, run.out[-3000:]
-    assert code == PREEMPTED_RC[launcher], out
-    assert (run_dir / "PREEMPTED").is_file(), out
-    assert (run_dir / "EXIT_STATUS").read_text().split("\n")[0] == "99 preempted", out
-    stopped = max(losses(run_dir))
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}", out
-    deadline = time.time() + 60
-    while time.time() < deadline and ranks_alive(run_dir):
-        time.sleep(0.5)
-    assert not ranks_alive(run_dir), "ranks outlived the stop"
-    return stopped
-
-
-@pytest.mark.parametrize("launcher", ["python", "torchrun", "deepspeed"])
-def test_sigterm_with_dataloader_workers_checkpoints_and_exits_99(launcher, kjv_dataset, tmp_path):
-    run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, run_dir, max_steps=2000, save_every=0)
-    cfg.write_text(cfg.read_text().replace("num_workers: 0", "num_workers: 1"))
-    nproc = 1 if launcher == "python" else 2
-    run = Launch(launch_cmd(launcher, nproc, cfg, write_ds(tmp_path / "ds.json")), run_dir)
-    try:
-        run.wait_for_step(3)
-        # the launcher alone, as a scheduler or a user's kill would: for the DeepSpeed launcher this
-        # is its runner, which dies and leaves launch.py and the ranks behind unless they watch it
+def stop(run: Launch, how: str) -> None:
+    """A stop as people and clusters send it."""
+    if how in ("ctrl-c", "second-ctrl-c"):  # a terminal's Ctrl-C: SIGINT to the foreground group
+        os.killpg(run.proc.pid, signal.SIGINT)
+    elif how == "sigterm-to-the-launcher":  # a user's or a scheduler's kill of the launcher alone
         run.proc.send_signal(signal.SIGTERM)
-        code = run.wait(timeout=120)
-    finally:
-        run.kill()
-    assert _check_stopped(run, code, launcher) < 2000
-
-
-@pytest.mark.parametrize("workers", [0, 1])
-def test_sigterm_to_every_process_with_wandb_under_the_deepspeed_launcher_resumes_exactly(
-    workers, kjv_dataset, tmp_path
-):
-    """`kill -TERM` to every process of the job (runner, launch.py, ranks, DataLoader workers,
-    W&B's service), as Slurm's scancel and a container stop do; then (with a worker: one resume
-    check is enough for CI's time) resuming replays the uninterrupted run's per-step losses."""
-    cfg_args = dict(max_steps=2000, save_every=0)
-    ds = write_ds(tmp_path / "ds.json")
-    run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, run_dir, **cfg_args)
-    cfg.write_text(cfg.read_text().replace("num_workers: 0", f"num_workers: {workers}"))
-    wandb = {"WANDB_MODE": "offline"}
-    run = Launch(launch_cmd("deepspeed", 2, cfg, ds), run_dir, wandb)
-    try:
-        run.wait_for_step(3)
+    elif how == "sigterm-to-every-process":  # scancel, a container stop: launcher, ranks, workers, W&B
         for pid in [run.proc.pid, *run.descendants()]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        code = run.wait(timeout=120)
-    finally:
-        run.kill()
-    stopped = _check_stopped(run, code, "deepspeed")
-    if workers == 0:
-        return
-    # the rest, twice: resumed from the stop, and from scratch (the same max_steps: the same schedule)
-    runs = {}
-    for name, extra in (("resumed", ("--resume", "auto")), ("straight", ())):
-        d = run_dir if name == "resumed" else tmp_path / "straight"
-        c = write_config(tmp_path / f"{name}.yaml", kjv_dataset, d, **cfg_args)
-        c.write_text(c.read_text().replace("num_workers: 0", "num_workers: 1"))
-        r = Launch(launch_cmd("torchrun", 2, c, ds, *extra), d, wandb)
+    else:
+        raise ValueError(how)
+
+
+def _check_stopped(run: Launch, code: int, launcher: str, how: str) -> int:
+    """The stop's checkpoint, markers and exit status; returns the step it stopped at."""
+    run_dir, out = run.run_dir, f"[{launcher}, {how}] " + run.out[-3000:]
+    assert code in PREEMPTED_RC[launcher, how], (code, out)
+    assert (run_dir / "PREEMPTED").is_file(), out
+    assert (run_dir / "EXIT_STATUS").read_text().split("\n")[0] == "99 preempted", out
+    # no rank's traceback (KeyboardInterrupt, a logger's ConnectionResetError); torchrun prints its own
+    assert not re.search(r'File ".*(train\.py|roberta_ds/)', run.out), out
+    stopped = max(losses(run_dir))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}", out
+    _check_nothing_left(run)
+    return stopped
+
+
+def _check_nothing_left(run: Launch) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline and ranks_alive(run.run_dir):
+        time.sleep(0.5)
+    assert not ranks_alive(run.run_dir), "ranks outlived the stop"
+
+
+def _config(tmp_path, kjv_dataset, name: str, run_dir, workers: int):
+    cfg = write_config(tmp_path / f"{name}.yaml", kjv_dataset, run_dir, max_steps=2000, save_every=0)
+    cfg.write_text(cfg.read_text().replace("num_workers: 0", f"num_workers: {workers}"))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def straight(kjv_dataset, tmp_path_factory):
+    """{world size: per-step losses} of an uninterrupted run (max_steps 2000: the schedule of the
+    stopped ones), computed once per world size."""
+    cache: dict[int, dict[int, float]] = {}
+
+    def losses_of(world: int) -> dict[int, float]:
+        if world not in cache:
+            tmp = tmp_path_factory.mktemp(f"straight{world}")
+            cfg = _config(tmp, kjv_dataset, "run", tmp / "run", workers=0)
+            run = Launch(
+                launch_cmd("python" if world == 1 else "torchrun", world, cfg, write_ds(tmp / "ds.json")),
+                tmp / "run",
+            )
+            try:
+                run.wait_for_step(STRAIGHT_STEPS)
+            finally:
+                run.kill()
+            cache[world] = losses(tmp / "run")
+        return cache[world]
+
+    return losses_of
+
+
+CHAINS = [
+    ("python", 0),
+    ("python", 1),
+    ("torchrun", 0),
+    ("torchrun", 1),
+    ("deepspeed", 1),
+    pytest.param(
+        "mpirun",
+        1,
+        marks=pytest.mark.skipif(
+            shutil.which("mpirun") is None, reason="Open MPI not installed (scripts/setup.sh installs it)"
+        ),
+    ),
+]
+
+
+def _hang_the_data(run: Launch) -> None:
+    """Stop every DataLoader worker (SIGSTOP) and wait until the ranks have eaten what was
+    prefetched and hang in their next batch: a stop cannot reach a step boundary now, as when a
+    filesystem or a node stops answering."""
+    ranks = run.train_processes()
+    workers = [p for p in run.descendants() if _parent(p) in ranks and _cmdline(p) == _cmdline(_parent(p))]
+    assert workers, "no DataLoader worker to stop"
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    seen, quiet_since = max(losses(run.run_dir)), time.time()
+    while time.time() - quiet_since < 3:
+        time.sleep(0.2)
+        if max(losses(run.run_dir)) != seen:
+            seen, quiet_since = max(losses(run.run_dir)), time.time()
+    run.hung_workers = workers
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+@pytest.mark.parametrize("launcher, workers", CHAINS)
+def test_every_stop_in_turn_checkpoints_exits_clearly_and_resuming_replays_the_straight_run(
+    launcher, workers, straight, kjv_dataset, tmp_path
+):
+    """One run stopped every way in turn, each session resumed (`--resume auto`) from the one
+    before: Ctrl-C, SIGTERM to every process, (with DataLoader workers) a Ctrl-C that cannot be
+    honoured because the data hangs and a second Ctrl-C that aborts, SIGTERM to the launcher. W&B
+    offline and TensorBoard on. Each stop: its checkpoint (none for the abort), PREEMPTED,
+    EXIT_STATUS, the launcher's code, no process left. Then every step's loss equals the
+    uninterrupted run's."""
+    nproc = 1 if launcher == "python" else 2
+    run_dir = tmp_path / "run"
+    cfg = _config(tmp_path, kjv_dataset, "run", run_dir, workers)
+    ds = write_ds(tmp_path / "ds.json")
+    stops = ["ctrl-c", "sigterm-to-every-process", "second-ctrl-c", "sigterm-to-the-launcher"]
+    # The hang is made by stopping the workers; mpirun has no second Ctrl-C for the ranks (it turns
+    # the first into SIGCONT and SIGTERM to each rank's process group, then SIGKILL 1 s later).
+    if workers == 0 or launcher == "mpirun":
+        stops.remove("second-ctrl-c")
+    last = 0
+    for how in stops:
+        (run_dir / "EXIT_STATUS").unlink(missing_ok=True)  # as the Slurm scripts do before a launch
+        (run_dir / "PREEMPTED").unlink(missing_ok=True)
+        cmd = launch_cmd(launcher, nproc, cfg, ds, "--resume", "auto")
+        run = Launch(cmd, run_dir, WANDB_OFFLINE, base_env=launcher_env(launcher))
         try:
-            r.wait_for_step(stopped + 2)
+            run.wait_for_step(last + 2)
+            if how == "second-ctrl-c":
+                _hang_the_data(run)
+                stop(run, how)
+                time.sleep(SECOND_INTERRUPT_AFTER_S + 0.5)
+                stop(run, how)
+                t0 = time.time()
+                code = run.proc.wait(timeout=60)
+                aborted_in = time.time() - t0
+                for pid in run.hung_workers:  # the hung filesystem answers again
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+                run.wait(timeout=30)
+            else:
+                stop(run, how)
+                code = run.wait(timeout=120)
         finally:
-            r.kill()
-        runs[name] = losses(d)
-    for step in range(1, stopped + 3):
-        assert runs["resumed"][step] == runs["straight"][step], (step, runs)
+            run.kill()
+        if how == "second-ctrl-c":
+            out = run.out[-3000:]
+            want_code, within_s, status = ABORTED[launcher]
+            assert code == want_code, out
+            assert aborted_in < within_s, (aborted_in, out)
+            assert (run_dir / "EXIT_STATUS").read_text().split("\n")[0] == status, out
+            if status == "130 aborted":
+                assert "second Ctrl-C: aborting now, without a checkpoint" in run.out, out
+            assert not (run_dir / "PREEMPTED").exists(), out
+            assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}", out
+            _check_nothing_left(run)
+        else:
+            last = _check_stopped(run, code, launcher, how)
+    want = straight(nproc)
+    assert last < STRAIGHT_STEPS
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, last + 1))
+    assert got == {s: want[s] for s in got}
 
 
 def test_rerunning_a_finished_run_rewrites_nothing(kjv_dataset, tmp_path):
@@ -114,28 +249,6 @@ def test_rerunning_a_finished_run_rewrites_nothing(kjv_dataset, tmp_path):
     assert "the run is complete at step 4" in res.stderr
     assert snap() == before and (run_dir / "metrics.jsonl").read_text() == metrics
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
-
-
-@pytest.mark.parametrize("launcher", ["python", "torchrun"])
-def test_ctrl_c_to_the_process_group_checkpoints_and_exits_99(launcher, kjv_dataset, tmp_path):
-    """A terminal's Ctrl-C: SIGINT to every process of the foreground group (launcher, ranks,
-    DataLoader workers), W&B offline on as the Quickstart has it. torchrun forwards its own SIGINT
-    to the ranks a moment later, which must not count as a second Ctrl-C."""
-    run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, run_dir, max_steps=2000, save_every=0)
-    cfg.write_text(cfg.read_text().replace("num_workers: 0", "num_workers: 1"))
-    nproc = 1 if launcher == "python" else 2
-    run = Launch(
-        launch_cmd(launcher, nproc, cfg, write_ds(tmp_path / "ds.json")), run_dir, {"WANDB_MODE": "offline"}
-    )
-    try:
-        run.wait_for_step(3)
-        os.killpg(run.proc.pid, signal.SIGINT)  # the terminal's foreground group
-        code = run.wait(timeout=90)  # no hang in multiprocessing's exit handler
-    finally:
-        run.kill()
-    assert "KeyboardInterrupt" not in run.out, run.out[-3000:]
-    _check_stopped(run, code, launcher)
 
 
 def test_a_second_ctrl_c_aborts_at_once_and_one_ctrl_c_seen_twice_does_not():
