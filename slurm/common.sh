@@ -70,6 +70,7 @@ finish() {
     done) exit 0 ;;
     bad-input) echo "roberta-ds: bad input, not requeued: $(sed -n 2p "$RUN_DIR/EXIT_STATUS")" >&2; exit 2 ;;
     nonfinite) echo "roberta-ds: stopped on non-finite losses (exit 98), not requeued" >&2; exit 98 ;;
+    aborted) echo "roberta-ds: aborted by a second Ctrl-C (exit 130), not requeued" >&2; exit 130 ;;
   esac
   [ "$rc" -eq 0 ] && [ "$kind" = none ] && exit 0
   echo "roberta-ds: training failed (launcher exit $rc, status ${code:-none} $kind)" >&2

@@ -49,6 +49,26 @@ def test_sbatch_two_nodes_trains_with_world_size_four(cluster, kjv_dataset, tmp_
     )
 
 
+@pytest.fixture(scope="module")
+def straight4(cluster, kjv_dataset, tmp_path_factory):
+    """Per-step losses of an uninterrupted 4-rank job with the stopped jobs' schedule (max_steps
+    120), to step 30: what a stopped, requeued and resumed job must replay."""
+    tmp = tmp_path_factory.mktemp("straight4")
+    cfg = write_config(tmp / "run.yaml", kjv_dataset, tmp / "run", max_steps=120, save_every=0)
+    ds = write_ds(tmp / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
+    jid, log = submit(cluster, tmp, cfg, ds, env={"WANDB_MODE": "disabled"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        (tmp / "run" / "metrics.jsonl").exists() and max(losses(tmp / "run"), default=0) >= 30
+    ):
+        time.sleep(0.5)
+    cluster.run(["scancel", str(jid)], check=False)
+    cluster.wait_job(jid, timeout=120, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    got = losses(tmp / "run")
+    assert max(got) >= 30, log.read_text()[-3000:]
+    return {s: got[s] for s in range(1, 31)}
+
+
 @pytest.mark.parametrize(
     "signal, num_workers",
     [
@@ -57,12 +77,14 @@ def test_sbatch_two_nodes_trains_with_world_size_four(cluster, kjv_dataset, tmp_
     ],
 )
 def test_preemption_signal_checkpoints_requeues_and_resumes(
-    cluster, kjv_dataset, tmp_path, signal, num_workers
+    cluster, kjv_dataset, tmp_path, signal, num_workers, straight4
 ):
+    """The signal to every task of the job's steps, W&B offline on as the Quickstart has it: a
+    checkpoint, a requeue, a resume that replays the uninterrupted job's losses."""
     cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run", max_steps=120, save_every=0)
     cfg.write_text(cfg.read_text().replace("num_workers: 0", f"num_workers: {num_workers}"))
     ds = write_ds(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
-    jid, log = submit(cluster, tmp_path, cfg, ds)
+    jid, log = submit(cluster, tmp_path, cfg, ds, env={"WANDB_MODE": "offline"})
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and max(losses(metrics.parent), default=0) >= 5):
@@ -76,7 +98,8 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(
     stopped = int(text.split("stopping at step ")[1].split(":")[0])
     assert f"resumed from {tmp_path}/run/checkpoints/step_{stopped:08d} at step {stopped}" in text
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
-    assert rows[-1]["step"] == 120 and stopped < 120
+    assert rows[-1]["step"] == 120 and stopped < 30
+    assert {r["step"]: r["loss"] for r in rows if r["step"] <= 30} == straight4
 
 
 def test_wrong_node_count_fails_with_a_message(cluster, kjv_dataset, tmp_path):
@@ -128,6 +151,7 @@ def test_deepspeed_launcher_variant_with_generated_hostfile(cluster, kjv_dataset
         ("99 stalled", 1, True, 0),
         ("2 bad-input", 1, False, 2),
         ("98 nonfinite", 1, False, 98),
+        ("130 aborted", 1, False, 130),
         ("0 done", 0, False, 0),
         (None, 137, False, 137),  # killed outright: no verdict written
     ],

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -113,3 +115,19 @@ def launch(launcher: str, nproc: int, config: Path, ds: Path, *extra: str, timeo
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def straight(kjv_dataset, tmp_path_factory):
+    """losses_of(world): per-step losses of an uninterrupted run (launching.stop_config's schedule),
+    computed once per world size: what a stopped and resumed run must replay."""
+    from tests.training.launching import straight_losses
+
+    cache: dict[int, dict[int, float]] = {}
+
+    def losses_of(world: int) -> dict[int, float]:
+        if world not in cache:
+            cache[world] = straight_losses(kjv_dataset, tmp_path_factory.mktemp(f"straight{world}"), world)
+        return cache[world]
+
+    return losses_of

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.training.conftest import ROOT, env, losses
+from tests.training.conftest import ROOT, env, launch_cmd, losses, write_config, write_ds
 
 
 class Launch:
@@ -156,3 +156,43 @@ def ranks_alive(run_dir) -> list[str]:
         ["pgrep", "-f", f"--config {run_dir.parent}/run.yaml"], capture_output=True, text=True
     )
     return [p for p in out.stdout.split() if int(p) != os.getpid()]
+
+
+STRAIGHT_STEPS = 40  # the uninterrupted run a stopped one must replay, to this step
+
+
+def stop_config(path: Path, dataset: Path, run_dir: Path, workers: int, **train) -> Path:
+    """The config of a run that is stopped part-way: max_steps 2000 (its schedule), no periodic save
+    unless given."""
+    cfg = write_config(path, dataset, run_dir, **{"max_steps": 2000, "save_every": 0, **train})
+    cfg.write_text(cfg.read_text().replace("num_workers: 0", f"num_workers: {workers}"))
+    return cfg
+
+
+def straight_losses(dataset: Path, tmp: Path, world: int) -> dict[int, float]:
+    """Per-step losses of an uninterrupted run of stop_config's schedule, to STRAIGHT_STEPS."""
+    cfg = stop_config(tmp / "run.yaml", dataset, tmp / "run", workers=0)
+    launcher = "python" if world == 1 else "torchrun"
+    run = Launch(launch_cmd(launcher, world, cfg, write_ds(tmp / "ds.json")), tmp / "run")
+    try:
+        run.wait_for_step(STRAIGHT_STEPS)
+    finally:
+        run.kill()
+    return losses(tmp / "run")
+
+
+def check_resume_replays(cfg: Path, ds: Path, run_dir: Path, want: dict[int, float], extra_env=None) -> None:
+    """Resume the run (torchrun, 2 ranks, `--resume auto`) for two steps past its latest checkpoint,
+    stop it, and check that every step's loss is the uninterrupted run's."""
+    resumed_at = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    run = Launch(launch_cmd("torchrun", 2, cfg, ds, "--resume", "auto"), run_dir, extra_env)
+    try:
+        run.wait_for_step(resumed_at + 2)
+        run.proc.send_signal(signal.SIGTERM)
+        run.wait(timeout=120)
+    finally:
+        run.kill()
+    got = losses(run_dir)
+    assert f"at step {resumed_at}" in run.out, run.out[-3000:]
+    assert max(got) < STRAIGHT_STEPS and sorted(got) == list(range(1, max(got) + 1)), sorted(got)
+    assert got == {s: want[s] for s in got}

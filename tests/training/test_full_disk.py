@@ -9,8 +9,8 @@ import time
 import pytest
 
 from roberta_ds.training.checkpoint import tag_for
-from tests.training.conftest import launch_cmd, write_config, write_ds
-from tests.training.launching import Launch
+from tests.training.conftest import launch_cmd, write_ds
+from tests.training.launching import Launch, check_resume_replays, stop_config
 
 pytestmark = pytest.mark.multiproc
 
@@ -38,16 +38,12 @@ def _fill(mnt) -> None:
 
 
 def test_a_disk_that_fills_exits_2_on_every_rank_with_the_checkpoint_intact(
-    kjv_dataset, tmp_path, small_disk
+    kjv_dataset, tmp_path, small_disk, straight
 ):
     run_dir = small_disk / "run"
-    cfg = write_config(
-        tmp_path / "run.yaml", kjv_dataset, run_dir, max_steps=2000, save_every=5, eval_every=5
-    )
-    cfg.write_text(cfg.read_text().replace("num_workers: 0", "num_workers: 1"))
-    run = Launch(
-        launch_cmd("torchrun", 2, cfg, write_ds(tmp_path / "ds.json")), run_dir, {"WANDB_MODE": "offline"}
-    )
+    cfg = stop_config(tmp_path / "run.yaml", kjv_dataset, run_dir, 1, save_every=5, eval_every=5)
+    ds = write_ds(tmp_path / "ds.json")
+    run = Launch(launch_cmd("torchrun", 2, cfg, ds), run_dir, {"WANDB_MODE": "offline"})
     try:
         deadline = time.time() + 180
         latest = run_dir / "checkpoints" / "latest"
@@ -67,4 +63,5 @@ def test_a_disk_that_fills_exits_2_on_every_rank_with_the_checkpoint_intact(
     assert out.count("train.py: error: no space left on device") >= 2  # every rank says it
     assert latest.read_text().strip() in (tag_for(5), tag_for(10))
     assert (run_dir / "checkpoints" / tag_for(5) / "COMPLETE").is_file()
-    os.remove(small_disk / "filler")
+    os.remove(small_disk / "filler")  # space again: resuming replays the uninterrupted run
+    check_resume_replays(cfg, ds, run_dir, straight(2), {"WANDB_MODE": "offline"})

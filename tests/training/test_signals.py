@@ -23,7 +23,7 @@ from tests.training.conftest import (
     write_config,
     write_ds,
 )
-from tests.training.launching import Launch, ranks_alive
+from tests.training.launching import STRAIGHT_STEPS, Launch, ranks_alive, stop_config
 
 pytestmark = pytest.mark.multiproc
 
@@ -54,7 +54,6 @@ ABORTED = {
     "deepspeed": (-2, 10, "130 aborted"),
 }
 WANDB_OFFLINE = {"WANDB_MODE": "offline"}  # on, as the Quickstart has it: a logger must not decide
-STRAIGHT_STEPS = 40  # the uninterrupted run the stopped ones must replay, to this step
 
 
 def stop(run: Launch, how: str) -> None:
@@ -90,36 +89,6 @@ def _check_nothing_left(run: Launch) -> None:
     while time.time() < deadline and ranks_alive(run.run_dir):
         time.sleep(0.5)
     assert not ranks_alive(run.run_dir), "ranks outlived the stop"
-
-
-def _config(tmp_path, kjv_dataset, name: str, run_dir, workers: int):
-    cfg = write_config(tmp_path / f"{name}.yaml", kjv_dataset, run_dir, max_steps=2000, save_every=0)
-    cfg.write_text(cfg.read_text().replace("num_workers: 0", f"num_workers: {workers}"))
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def straight(kjv_dataset, tmp_path_factory):
-    """{world size: per-step losses} of an uninterrupted run (max_steps 2000: the schedule of the
-    stopped ones), computed once per world size."""
-    cache: dict[int, dict[int, float]] = {}
-
-    def losses_of(world: int) -> dict[int, float]:
-        if world not in cache:
-            tmp = tmp_path_factory.mktemp(f"straight{world}")
-            cfg = _config(tmp, kjv_dataset, "run", tmp / "run", workers=0)
-            run = Launch(
-                launch_cmd("python" if world == 1 else "torchrun", world, cfg, write_ds(tmp / "ds.json")),
-                tmp / "run",
-            )
-            try:
-                run.wait_for_step(STRAIGHT_STEPS)
-            finally:
-                run.kill()
-            cache[world] = losses(tmp / "run")
-        return cache[world]
-
-    return losses_of
 
 
 CHAINS = [
@@ -181,7 +150,7 @@ def test_every_stop_in_turn_checkpoints_exits_clearly_and_resuming_replays_the_s
     uninterrupted run's."""
     nproc = 1 if launcher == "python" else 2
     run_dir = tmp_path / "run"
-    cfg = _config(tmp_path, kjv_dataset, "run", run_dir, workers)
+    cfg = stop_config(tmp_path / "run.yaml", kjv_dataset, run_dir, workers)
     ds = write_ds(tmp_path / "ds.json")
     stops = ["ctrl-c", "sigterm-to-every-process", "second-ctrl-c", "sigterm-to-the-launcher"]
     # The hang is made by stopping the workers; mpirun has no second Ctrl-C for the ranks (it turns

@@ -10,23 +10,19 @@ from pathlib import Path
 import pytest
 
 from roberta_ds.training.checkpoint import tag_for
-from tests.training.conftest import launch_cmd, write_config, write_ds
-from tests.training.launching import Launch
+from tests.training.conftest import launch_cmd, write_ds
+from tests.training.launching import Launch, check_resume_replays, stop_config
 
 pytestmark = pytest.mark.multiproc
 STALL_S = 10
 MARGIN_S = 15  # heartbeat interval (2.5 s) + the store's read time-out + a slow machine
 
 
-def test_a_stopped_rank_is_named_and_every_live_rank_exits_99(kjv_dataset, tmp_path):
+def test_a_stopped_rank_is_named_and_every_live_rank_exits_99(kjv_dataset, tmp_path, straight):
     run_dir = tmp_path / "run"
-    cfg = write_config(
-        tmp_path / "run.yaml", kjv_dataset, run_dir, max_steps=2000, save_every=2, stall_timeout_s=STALL_S
-    )
-    cfg.write_text(cfg.read_text().replace("num_workers: 0", "num_workers: 1"))
-    run = Launch(
-        launch_cmd("torchrun", 2, cfg, write_ds(tmp_path / "ds.json")), run_dir, {"WANDB_MODE": "offline"}
-    )
+    cfg = stop_config(tmp_path / "run.yaml", kjv_dataset, run_dir, 1, save_every=2, stall_timeout_s=STALL_S)
+    ds = write_ds(tmp_path / "ds.json")
+    run = Launch(launch_cmd("torchrun", 2, cfg, ds), run_dir, {"WANDB_MODE": "offline"})
     try:
         run.wait_for_step(3)
         ranks = run.ranks()
@@ -57,3 +53,5 @@ def test_a_stopped_rank_is_named_and_every_live_rank_exits_99(kjv_dataset, tmp_p
     # the last save that finished before the stop (rank 0's step; rank 1 is at most one behind)
     assert latest in (tag_for(int(m[1]) // 2 * 2), tag_for(int(m[1]) // 2 * 2 - 2)), run.out[-3000:]
     assert (run_dir / "checkpoints" / latest / "COMPLETE").is_file()
+    # resuming from it replays the uninterrupted run (the steps logged past it are done again)
+    check_resume_replays(cfg, ds, run_dir, straight(2), {"WANDB_MODE": "offline"})
