@@ -1,6 +1,8 @@
 """slurm/pretrain.sbatch against a real Slurm (2 simulated nodes x 2 tasks, CPU/gloo)."""
 
 import json
+import re
+import sys
 import time
 
 import pytest
@@ -177,3 +179,84 @@ def test_the_scripts_act_on_exit_status_not_on_the_launchers_code(status, rc, re
     assert ("scontrol requeue 7" in r.stdout) == requeued, r.stdout + r.stderr
     if status == "2 bad-input":
         assert "bad input, not requeued: train.py: error: the message" in r.stderr
+
+
+def test_an_interactive_srun_is_killed_by_ctrl_c_and_sigterm_and_stopped_by_scancel(
+    cluster, kjv_dataset, tmp_path, straight4
+):
+    """`srun ... python train.py` in a terminal. Ctrl-C twice within a second (srun's rule: one
+    only prints the tasks' states) and SIGTERM to srun are both srun's "forcing job termination":
+    SIGKILL to every task at once, so nothing can be saved and the latest periodic checkpoint
+    stays. `scancel --signal=TERM <job>` reaches the tasks themselves: a checkpoint, PREEMPTED,
+    and the run replays the uninterrupted job's losses."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.training.conftest import env, free_port
+
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, run_dir, max_steps=120, save_every=2)
+    cfg.write_text(cfg.read_text().replace("num_workers: 0", "num_workers: 1"))
+    ds = write_ds(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
+
+    def latest() -> int:
+        return int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+
+    def srun(step: int) -> subprocess.Popen:
+        e = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        e.update(cluster.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WANDB_MODE="offline")
+        cmd = [
+            "srun",
+            *ALLOC,
+            sys.executable,
+            "train.py",
+            "--config",
+            str(cfg),
+            "--deepspeed_config",
+            str(ds),
+        ]
+        started = time.time()
+        proc = subprocess.Popen(
+            [*cmd, "--resume", "auto"], cwd=ROOT, env=e, start_new_session=True, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline, metrics = time.time() + 240, run_dir / "metrics.jsonl"
+        while time.time() < deadline and proc.poll() is None:
+            if (
+                metrics.exists()
+                and metrics.stat().st_mtime > started
+                and max(losses(run_dir), default=0) >= step
+            ):
+                return proc
+            time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"step {step} not reached: {proc.communicate()[0][-3000:]}")
+
+    first = srun(5)
+    os.killpg(first.pid, signal.SIGINT)  # the terminal's foreground group: srun
+    time.sleep(0.3)
+    os.killpg(first.pid, signal.SIGINT)
+    for proc, how in ((first, "ctrl-c"), (srun(7), "sigterm")):
+        if how == "sigterm":
+            before = latest()
+            os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+        assert "srun: forcing job termination" in out, out[-3000:]
+        assert not (run_dir / "PREEMPTED").exists(), out[-3000:]
+        assert latest() >= (4 if how == "ctrl-c" else before), out[-3000:]  # periodic saves intact
+        time.sleep(3)  # slurmstepd reaps the step
+
+    third = srun(latest() + 3)
+    job = cluster.run(["squeue", "-h", "-o", "%i"]).stdout.split()
+    assert len(job) == 1, job
+    cluster.run(["scancel", "--signal=TERM", job[0]])  # to every task of the job's steps
+    out = third.communicate(timeout=120)[0]
+    assert (run_dir / "PREEMPTED").is_file(), out[-3000:]
+    stopped = json.loads((run_dir / "PREEMPTED").read_text())["step"]
+    assert (run_dir / "EXIT_STATUS").read_text().split("\n")[0] == "99 preempted", out[-3000:]
+    assert latest() == stopped, out[-3000:]
+    assert not re.search(r'File ".*(train\.py|roberta_ds/)', out), out[-3000:]  # no rank's traceback
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, max(got) + 1)) and max(got) <= 30
+    assert got == {s: straight4[s] for s in got}
