@@ -7,7 +7,7 @@ import os
 
 import torch
 
-# Set by kernels.trace while it records launches on meta tensors for an sm_90 compile: the SM count
+# Set by kernel_tools.trace while it records launches on meta tensors for an sm_90 compile: the SM count
 # of the traced device (launchers that size persistent grids read it through sm_count), else None.
 TRACE_TARGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("TRACE_TARGET", default=None)
 
@@ -32,7 +32,7 @@ def check_runnable(name: str, *tensors: torch.Tensor) -> None:
             continue
         if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
             continue
-        if t.device.type == "meta" and tracing():  # kernels.trace: compiled for sm_90, never run
+        if t.device.type == "meta" and tracing():  # kernel_tools.trace: compiled for sm_90, never run
             continue
         raise RuntimeError(
             f"kernels.{name}: got a tensor on {t.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1 "

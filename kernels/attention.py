@@ -10,7 +10,7 @@ Tiles: on CUDA each kernel is autotuned (triton.autotune, keyed on seq len, head
 dropout and the dtypes) over `autotune_space(kernel, head_dim, dtype, dropout)`: a few tiles around
 the default, pruned to those that fit sm_90 (shared memory <= 227 KB by `smem_estimate`, none of the
 configs that sm_90 compiles showed to spill; tests/kernels/test_attention_autotune.py compiles every
-one). In the interpreter (CPU tests) and while kernels.trace records launches (the static report)
+one). In the interpreter (CPU tests) and while kernel_tools.trace records launches (the static report)
 the launchers use the fixed `default_config` and never the autotuner, which would time on a GPU.
 Limits: head_dim in {16, 32, 64, 128}; inputs shaped (B, S, H, D) (or (B, S, 3, H, D) packed) with
 the last dim contiguous, any other strides; softmax_scale > 0; fp16/bf16 (fp32 accumulation) and
@@ -41,7 +41,7 @@ TUNING_KEY = ["S", "HEAD_DIM", "HAS_KPM", "HAS_SEG", "HAS_DROPOUT", "IEEE"]
 
 def _config(kernel: str, head_dim: int, dropout: bool) -> dict:
     """Default tiles per kernel ('fwd', 'dq', 'dkdv'), picked from sm_90 compiles (registers, spills,
-    main-loop SASS per tile; see kernels.perf_report) to fit 227 KB of shared memory, fp32 included.
+    main-loop SASS per tile; see kernel_tools.perf_report) to fit 227 KB of shared memory, fp32 included.
     BLOCK_M counts queries, BLOCK_N keys."""
     wide = head_dim > 64
     if kernel == "fwd":  # 8 warps on 128x128: 472 SASS per 128x64 of scores vs 521 + spills on 4 warps;
@@ -170,14 +170,14 @@ def _autotuner(kernel: str):
 
 
 def tuned_configs(kernel: str) -> dict:
-    """{tuning key: config} the autotuner chose for `kernel` so far in this process (for kernels.bench);
+    """{tuning key: config} the autotuner chose for `kernel` so far in this process (for kernel_tools.bench);
     a key is (S, HEAD_DIM, HAS_KPM, HAS_SEG, HAS_DROPOUT, IEEE, *tensor dtypes)."""
     return dict(_AUTOTUNERS[kernel].cache) if kernel in _AUTOTUNERS else {}
 
 
 def _launch(kernel: str, grid, args: tuple, flags: dict, device: torch.device, config) -> None:
     """Run one attention kernel at `config`; with None: through its autotuner on CUDA, else at the
-    default config (the interpreter and kernels.trace run or compile, but cannot time)."""
+    default config (the interpreter and kernel_tools.trace run or compile, but cannot time)."""
     if config is None and device.type == "cuda" and not tracing():
         _autotuner(kernel)[grid](*args, **flags)
         return

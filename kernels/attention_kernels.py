@@ -8,6 +8,13 @@ computes delta = rowsum(dO * O) for its rows; then the dK/dV kernel (one program
 works on S^T = K Q^T so that P^T and dS^T feed the tensor cores from registers (no transposes
 through shared memory). No atomics: the backward is deterministic. dQ, dK and dV are written
 straight into one (B, S, 3, H, D) gradient (`attention_qkvpacked`) or views of it.
+fp32 (IEEE) backward: delta = rowsum(dO * O) and the dots' dP round differently, so in a row with one
+visible key (P = 1) dS = P (dP - delta) is a rounding remainder, not 0, and S queries add it into
+that key's dK (8-15x torch's error at S = 200). The dQ loop therefore also sums R = rowsum(P * dP)
+from its own P and dP (as torch's softmax backward forms sum(p * dp)) and P K (a tf32 dot: delta - R
+is ~1e-7 of dP), corrects dQ by (delta - R) P K, and hands R to the dK/dV kernel, whose dots give bitwise the same P and dP (IEEE
+dots sum over the head dim in one order, either orientation): dS cancels as torch's does. 16-bit
+inputs keep delta alone: there the remainder is ~1e-4 of the dtype's own rounding.
 Masks: a key is visible when key_padding_mask[b, key] is True and, when segment_ids are given,
 segment_ids[b, query] == segment_ids[b, key]. No per-element mask work in the main loop: each
 program first finds the key range it can see (a prologue over the (B, S) mask row); key blocks
@@ -249,6 +256,8 @@ def _attn_fwd_kernel(
 @triton.jit
 def _dq_block(
     dq,
+    r,
+    pk,
     q,
     do,
     lse,
@@ -282,7 +291,8 @@ def _dq_block(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """dQ += dS K for one key block: P = exp2(S * scale*log2e - lse), dS = P * (dP * Z - delta)."""
+    """dQ += dS K for one key block: P = exp2(S * scale*log2e - lse), dS = P * (dP * Z - delta); IEEE
+    also R += rowsum(P * dP * Z) and PK += P K (the fp32 correction in the module docstring)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     if MASKED:
@@ -303,10 +313,12 @@ def _dq_block(
     dp = _dot(do, tl.trans(v), IEEE)
     if HAS_DROPOUT:
         keep = _keep_tile(seed, bh, rows, start_n, n_groups, drop_threshold, BLOCK_M, BLOCK_N)
-        ds = p * (tl.where(keep, dp, 0.0) * drop_scale - delta[:, None])
-    else:
-        ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.to(k.dtype), k, IEEE)
+        dp = tl.where(keep, dp, 0.0) * drop_scale
+    if IEEE:
+        r += tl.sum(p * dp, axis=1)
+        pk += _dot(p, k, False)  # tf32: its factor delta - R is ~1e-7 of dP
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, IEEE), r, pk
 
 
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not recompile
@@ -317,7 +329,7 @@ def _attn_bwd_dq_kernel(
     O_ptr,  # (B, S, H, D) contiguous
     DO_ptr,  # (B, S, H, D), strided, last dim contiguous
     LSE_ptr,  # (B, H, S) fp32
-    Delta_ptr,  # (B, H, S) fp32, written here: rowsum(dO * O), read by the dK/dV kernel
+    Delta_ptr,  # (B, H, S) fp32, written here: rowsum(dO * O) (IEEE: rowsum(P * dP)), read by dK/dV
     DQ_ptr,  # (B, S, H, D) strided (a view of the packed (B, S, 3, H, D) gradient)
     KPM_ptr,
     SEG_ptr,
@@ -378,7 +390,9 @@ def _attn_bwd_dq_kernel(
         other=0.0,
     )
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(Delta_ptr + bh.to(tl.int64) * S + rows, delta, mask=rows < S)
+    delta_ptrs = Delta_ptr + bh.to(tl.int64) * S + rows
+    if not IEEE:
+        tl.store(delta_ptrs, delta, mask=rows < S)
     lse = tl.load(LSE_ptr + bh.to(tl.int64) * S + rows, mask=rows < S, other=float("inf"))
     seg_q = rows  # unused without HAS_SEG
     seg_lo = 0
@@ -392,20 +406,25 @@ def _attn_bwd_dq_kernel(
     )
     n_groups = tl.cdiv(S, 16)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    r = tl.zeros((BLOCK_M,), tl.float32)  # IEEE only, as pk: rowsum(P * dP), P K
+    pk = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for start_n in range(lo, hi_full, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, lse, delta, seg_q, k_base, v_base, KPM_ptr, SEG_ptr, b, bh, rows,
+        dq, r, pk = _dq_block(
+            dq, r, pk, q, do, lse, delta, seg_q, k_base, v_base, KPM_ptr, SEG_ptr, b, bh, rows,
             tl.multiple_of(start_n, BLOCK_N), hi, S, stride_ks, stride_vs, stride_mb, stride_gb, qk_scale,
             drop_scale, n_groups, drop_threshold, seed, False, HAS_KPM, HAS_SEG, HAS_DROPOUT, IEEE,
             BLOCK_M, BLOCK_N, HEAD_DIM,
         )  # fmt: skip
     for start_n in range(hi_full, hi, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, lse, delta, seg_q, k_base, v_base, KPM_ptr, SEG_ptr, b, bh, rows,
+        dq, r, pk = _dq_block(
+            dq, r, pk, q, do, lse, delta, seg_q, k_base, v_base, KPM_ptr, SEG_ptr, b, bh, rows,
             tl.multiple_of(start_n, BLOCK_N), hi, S, stride_ks, stride_vs, stride_mb, stride_gb, qk_scale,
             drop_scale, n_groups, drop_threshold, seed, True, HAS_KPM, HAS_SEG, HAS_DROPOUT, IEEE, BLOCK_M,
             BLOCK_N, HEAD_DIM,
         )  # fmt: skip
+    if IEEE:  # dS with R in place of delta (module docstring); the dK/dV kernel reads R
+        dq += (delta - r)[:, None] * pk
+        tl.store(delta_ptrs, r, mask=rows < S)
     dq_ptrs = (
         DQ_ptr
         + b.to(tl.int64) * stride_gradb

@@ -8,11 +8,13 @@ Algorithm: `_ce_kernel`, one program per row, up to two passes over the row in B
 - GRAD: dlogits = (softmax - onehot(label)) * scale, 0 on ignored rows; may overwrite the logits in
   place (every element is read by the thread that then writes it). The second read hits L2 (a row
   of 50K bf16 logits is 100 KB; ~2 rows per SM are in flight).
-z = logits (+ bias, in fp32 registers: the fused decoder adds its bias here, not in its GEMM).
-Rows may be padded: `V_load` >= V columns are loaded, so a row stride and V_load that are multiples
-of 16 give 16-byte vector loads (V = 50265 unpadded gives scalar 2-byte loads: every address is
-odd-aligned); padding columns must hold finite logits and a -inf bias, so they need no mask in the
-loops. The one-hot term is written after the loop, once per row, not compared per element.
+z = logits upcast to fp32 (the fused decoder's GEMM has added its bias). Columns 0..V_load come from
+rows of stride `stride_row`: a stride and V_load that are multiples of 16 give 16-byte vector loads
+(V = 50265 in rows of 50265 gives scalar 2-byte loads: every address is odd-aligned). The fused
+decoder passes V_load = V rounded down to 64 and the last V - V_load (< 64) columns of each row in a
+contiguous (N, V - V_load) `tail` of their own (linear_cross_entropy says why): one masked block per
+pass, its gradient written in place. The one-hot term is written after the loops, once per row, not
+compared per element.
 Labels: in [0, V) or ignore_index (which may itself be a class id: those rows are ignored). Any other
 label never reaches memory (it is clamped) and clears *Ok; `check_labels` turns that into an
 IndexError on CPU tensors, and on CUDA into an asynchronous device assert (as torch's own CUDA
@@ -32,14 +34,27 @@ from kernels._utils import check_dtype, check_runnable
 
 
 @triton.jit
+def _stats_block(z, start, m, s, arg):
+    """Fold a block of fp32 logits (its first column is `start`) into the running max m, sum-exp s
+    (relative to m) and first argmax."""
+    block_max = tl.max(z, axis=0)
+    if block_max > m:  # rare after the first blocks: the argmax reduction runs only here
+        arg = start + tl.argmax(z, axis=0)
+    m_new = tl.maximum(m, block_max)
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+    return m_new, s, arg
+
+
+@triton.jit
 def _ce_kernel(
-    Logits_ptr,  # (N, >= V_load), row stride stride_row
-    Bias_ptr,  # (V_load,) or None: -inf on padding columns
+    Logits_ptr,  # (N, >= V_load), row stride stride_row: columns 0..V_load
+    Tail_ptr,  # (N, V - V_load) contiguous, columns V_load..V, or None (then V_load == V)
     Labels_ptr,  # (N,) int64
     Loss_ptr,  # (N,) fp32, written when STATS
     LSE_ptr,  # (N,) fp32, written when STATS, else read
     Hit_ptr,  # (N,) int32, written when STATS: 1 where a labelled row's argmax is its label
-    DLogits_ptr,  # (N, >= V_load), row stride stride_drow; written when GRAD (may be Logits_ptr)
+    DLogits_ptr,  # (N, >= V_load), row stride stride_drow; written when GRAD (may be Logits_ptr;
+    #               with a Tail it is, and the tail's gradient overwrites the Tail)
     Scale_ptr,  # () fp32 or None: the gradient is multiplied by scale * *Scale_ptr
     Ok_ptr,  # () int32, set to 0 when a label is neither in [0, V) nor ignore_index
     scale,
@@ -48,10 +63,10 @@ def _ce_kernel(
     stride_row,
     stride_drow,
     ignore_index,
-    HAS_BIAS: tl.constexpr,
     STATS: tl.constexpr,
     GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # >= V - V_load with a Tail
 ):
     row = tl.program_id(0).to(tl.int64)
     label64 = tl.load(Labels_ptr + row)
@@ -60,10 +75,14 @@ def _ce_kernel(
     valid = in_range & ~ignored
     label = tl.where(valid, label64, 0).to(tl.int32)  # never addresses memory out of the row
     base = Logits_ptr + row * stride_row
+    label_ptr = base + label
+    if Tail_ptr is not None:
+        n_tail = V - V_load
+        tail = Tail_ptr + row * n_tail
+        tcols = tl.arange(0, BLOCK_T)
+        label_ptr = tl.where(label < V_load, label_ptr, tail + (label - V_load))
     # The target logit, read before the gradient pass may overwrite the row in place.
-    target = tl.load(base + label).to(tl.float32)
-    if HAS_BIAS:
-        target += tl.load(Bias_ptr + label).to(tl.float32)
+    target = tl.load(label_ptr).to(tl.float32)
     if STATS:
         tl.store(Ok_ptr, 0, mask=~(ignored | in_range))
         m = -float("inf")
@@ -72,14 +91,10 @@ def _ce_kernel(
         for start in range(0, V_load, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             z = tl.load(base + cols, mask=cols < V_load, other=-float("inf")).to(tl.float32)
-            if HAS_BIAS:  # padding columns hold 0 and their bias -inf
-                z += tl.load(Bias_ptr + cols, mask=cols < V_load, other=0.0).to(tl.float32)
-            block_max = tl.max(z, axis=0)
-            if block_max > m:  # rare after the first blocks: the argmax reduction runs only here
-                arg = start + tl.argmax(z, axis=0)
-            m_new = tl.maximum(m, block_max)
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            m = m_new
+            m, s, arg = _stats_block(z, start, m, s, arg)
+        if Tail_ptr is not None:
+            z_tail = tl.load(tail + tcols, mask=tcols < n_tail, other=-float("inf")).to(tl.float32)
+            m, s, arg = _stats_block(z_tail, V_load, m, s, arg)
         lse = m + tl.log(s)
         tl.store(Loss_ptr + row, tl.where(valid, lse - target, 0.0))
         tl.store(LSE_ptr + row, lse)
@@ -94,15 +109,19 @@ def _ce_kernel(
         for start in range(0, V_load, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             z = tl.load(base + cols, mask=cols < V_load, other=-float("inf")).to(tl.float32)
-            if HAS_BIAS:
-                z += tl.load(Bias_ptr + cols, mask=cols < V_load, other=0.0).to(tl.float32)
             g = tl.exp(z - lse) * g_scale
             tl.store(dbase + cols, g.to(DLogits_ptr.dtype.element_ty), mask=cols < V_load)
+        dlabel_ptr = dbase + label
+        if Tail_ptr is not None:
+            z_tail = tl.load(tail + tcols, mask=tcols < n_tail, other=-float("inf")).to(tl.float32)
+            g_tail = tl.exp(z_tail - lse) * g_scale
+            tl.store(tail + tcols, g_tail.to(Tail_ptr.dtype.element_ty), mask=tcols < n_tail)
+            dlabel_ptr = tl.where(label < V_load, dlabel_ptr, tail + (label - V_load))
         # softmax - onehot: the label's element, rewritten once after the whole row is stored
         # (the barrier orders it after the loop's store of that element by another thread)
         tl.debug_barrier()
         g_label = (tl.exp(target - lse) - 1.0) * g_scale
-        tl.store(dbase + label, g_label.to(DLogits_ptr.dtype.element_ty), mask=valid)
+        tl.store(dlabel_ptr, g_label.to(DLogits_ptr.dtype.element_ty), mask=valid)
 
 
 def _block_v(V: int) -> int:
@@ -110,17 +129,16 @@ def _block_v(V: int) -> int:
 
 
 def ce_launch(
-    logits, bias, labels, loss, lse, hit, dlogits, scale_t, ok, scale, V, ignore_index, *, stats, grad
+    logits, tail, labels, loss, lse, hit, dlogits, scale_t, ok, scale, V, ignore_index, *, stats, grad
 ):
-    """One `_ce_kernel` launch over the rows of `logits` (N, V_load >= V): columns V.. V_load are
-    padding (finite logits, bias -inf), see the module docstring."""
-    N = logits.shape[0]
+    """One `_ce_kernel` launch over the rows of `logits` (N, V_load): columns V_load.. V are in
+    `tail` (N, V - V_load) contiguous, or there are none (tail None); see the module docstring."""
+    N, V_load = logits.shape
     if N == 0:
         return
-    V_load = logits.shape[1]
     _ce_kernel[(N,)](
         logits,
-        bias,
+        tail,
         labels,
         loss,
         lse,
@@ -134,10 +152,10 @@ def ce_launch(
         logits.stride(0),
         dlogits.stride(0) if dlogits is not None else 0,
         ignore_index,
-        HAS_BIAS=bias is not None,
         STATS=stats,
         GRAD=grad,
         BLOCK_V=_block_v(V_load),
+        BLOCK_T=triton.next_power_of_2(V - V_load) if tail is not None else 1,
         num_warps=8,
     )
 

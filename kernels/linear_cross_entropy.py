@@ -2,13 +2,22 @@
 
 Algorithm (after Liger-Kernel's fused_linear_cross_entropy; cuBLAS runs the GEMMs on tensor cores in
 16 bits with fp32 accumulation): the N rows go in chunks of C, all at once up to MAX_CHUNK_LOGITS
-logits (a base micro-batch's ~2.5K masked rows are one chunk). Per chunk:
-  1. logits = h_c @ W^T             cuBLAS, into a (C, Vp) buffer whose row stride Vp = V rounded up to
-                                    64 keeps every row 128-byte aligned (checkpoints keep the real V)
-  2. `_ce_kernel` (cross_entropy)   adds the bias, writes loss / lse / argmax hit per row and overwrites
-                                    the logits in place with g = (softmax - onehot) * s, 0 on ignored rows
-  3. dh_c = g @ W                   cuBLAS
-  4. dW (+)= g^T @ [h_c, 1, 0..]    cuBLAS; the ones column makes db = colsum(g) a by-product
+logits (a base micro-batch's ~2.5K masked rows are one chunk). The vocabulary splits into its first
+Va = V rounded down to 64 columns (50240) and a tail of V - Va < 64 (25), each with its contiguous
+(C, Va) / (C, V - Va) buffer: rows of Va 16-bit logits stay 128-byte aligned (vector loads, TMA), and
+cuBLASLt adds a bias in its epilogue only when the output is contiguous (torch's addmm copies the
+bias into a strided output first: +2 x C x V x 2 bytes). Per chunk:
+  1. logits = h_c @ W^T + b         torch.addmm, in the input dtype, per part: the bias in the
+                                    epilogue, each logit rounded once from fp32
+  2. `_ce_kernel` (cross_entropy)   writes loss / lse / argmax hit per row and overwrites the logits in
+                                    place with g = (softmax - onehot) * s, 0 on ignored rows
+  3. dh_c = g @ W                   cuBLAS: the tail's product, then the main one added to it
+  4. dW (+)= g^T @ [h_c, 1, 0..]    cuBLAS, per part; the ones column makes db = colsum(g) a by-product
+The logits are rounded as transformers' decoder (nn.Linear: addmm, cuBLASLt's bias epilogue) rounds
+them, so each row's loss errs as that peer's does (bitwise on CPU; on CUDA up to the order of the
+GEMMs' fp32 sums). GEMM 1 used to round h.W to 16 bits and the CE kernel to add the bias in fp32
+afterwards: a row's error then was as large as the peer's but independent of it, so a row's loss
+(and a mean over few rows) came out up to 27x further from fp64 than the peer's (issue 19).
 The gradients are formed in the forward, so the logits die with it and the backward needs neither W
 nor h (ZeRO-3 may have released W by then). dloss is only known in the backward: it multiplies dh,
 dW, db by dloss / (n_valid * s) in fp32 on the device and casts (`_scale_cast_kernel`), so a loss scale
@@ -17,15 +26,16 @@ probabilities stay normal fp16 numbers in g; fp16 then keeps dh and dW in fp32 u
 (|g| <= 2^15 fits fp16, their sums over rows may not). dW is accumulated in fp32 only when there are
 several chunks (or fp16); a single chunk writes it in the input dtype straight from cuBLAS.
 
-Bytes moved, base micro-batch (N = 2458 masked rows, D = 768, V = 50265, Vp = 50304, bf16):
+Bytes moved, base micro-batch (N = 2458 masked rows, D = 768, V = 50265, bf16):
   before (chunks of 64 rows, 39 chunks): W read twice per chunk (39 x 154 MB), an fp32 dW
     read + written per chunk with an fp32 SIMT GEMM (39 x 309 MB), fp32 copies of each chunk
     (39 x 26 MB): ~19.5 GB and ~190 GFLOP off the tensor cores.
   after (one chunk): GEMM 1 reads W + h, writes logits (77 + 4 + 247 MB); _ce_kernel reads and writes
     them (495 MB); GEMM 3 reads g + W (247 + 77 MB); GEMM 4 reads g + h, writes dW (247 + 4 + 78 MB);
-    the backward's cast reads and writes dW, dh (163 MB); glue < 10 MB: ~1.65 GB, 3 GEMMs of 190 GFLOP.
+    the backward's cast reads and writes dW, dh (163 MB); the tail's three small GEMMs and the glue
+    < 25 MB: ~1.65 GB, 3 GEMMs of 190 GFLOP (each as two: the aligned columns, the tail's).
   full logits + F.cross_entropy on the same rows (cross_entropy_ref: fp32 log-softmax): ~5.5 GB.
-Memory: one (C, Vp) 16-bit buffer plus dW; no (N, V) fp32 tensor ever exists.
+Memory: one (C, V) 16-bit buffer plus dW; no (N, V) fp32 tensor ever exists.
 Limits: as cross_entropy; h, W, b share one float dtype. Reference: `linear_cross_entropy_ref`.
 """
 
@@ -77,17 +87,25 @@ def _scale_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     return y
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, acc: torch.Tensor | None = None):
-    """a @ b (+ acc) with fp32 accumulation, returned in out_dtype (fp32 from 16-bit inputs:
-    cuBLAS's out_dtype GEMM; on CPU, for the interpreter tests, the same products in fp32)."""
-    if out_dtype == a.dtype:
-        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
-    if a.device.type == "cpu":
+def _mm(a, b, out_dtype: torch.dtype, out=None, accumulate: bool = False) -> torch.Tensor:
+    """a @ b with fp32 accumulation, in out_dtype (fp32 from 16-bit inputs: cuBLAS's out_dtype GEMM;
+    on CPU, for the interpreter tests, the same products in fp32): a new tensor, or into `out` (a
+    contiguous view), or added to `out` (accumulate)."""
+    if out_dtype != a.dtype and a.device.type == "cpu":
         a, b = a.to(out_dtype), b.to(out_dtype)
-        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
-    if acc is None:
-        return torch.mm(a, b, out_dtype=out_dtype)
-    return torch.addmm(acc, a, b, out_dtype=out_dtype, out=acc)
+    kw = {} if out_dtype == a.dtype else {"out_dtype": out_dtype}
+    if not accumulate:
+        return torch.mm(a, b, out=out, **kw)
+    return torch.addmm(out, a, b, out=out, **kw) if kw else out.addmm_(a, b)
+
+
+def _decoder(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias) -> None:
+    """out = h @ weight^T + bias in h's dtype, each element rounded once from fp32 (as nn.Linear).
+    `out` contiguous: only then does torch's addmm put the bias in cuBLASLt's epilogue."""
+    if bias is None:
+        torch.mm(h, weight.t(), out=out)
+    else:
+        torch.addmm(bias, h, weight.t(), out=out)
 
 
 def _check(h, weight, bias, labels):
@@ -113,8 +131,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N, D = h.shape
         V, dev, dt = weight.shape[0], h.device, h.dtype
         h, weight, labels = h.contiguous(), weight.contiguous(), labels.long()
-        Vp = triton.cdiv(V, VOCAB_ALIGN) * VOCAB_ALIGN
-        C = max(1, min(N, chunk_rows or MAX_CHUNK_LOGITS // Vp))
+        C = max(1, min(N, chunk_rows or MAX_CHUNK_LOGITS // V))
         C = triton.cdiv(N, triton.cdiv(N, C)) if N else 1  # balanced chunks
         multi = C < N
         s = _G_SCALE.get(dt, 1.0)
@@ -126,40 +143,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h_x[:, D] = 1.0
         else:
             h_x = h
-        bias_p = None  # padding columns get logit 0 (zeroed below) + bias -inf: no masks in the loops
-        if bias is not None or Vp > V:
-            bias_p = F.pad(
-                bias if bias is not None else weight.new_zeros(V), (0, Vp - V), value=float("-inf")
-            )
+        Va = V // VOCAB_ALIGN * VOCAB_ALIGN or V  # V < 64: one part, nothing to align
+        parts = [slice(0, Va)] + ([slice(Va, V)] if Va < V else [])  # (module docstring)
+        if bias is not None:
+            bias = bias.contiguous()
         f32 = dict(dtype=torch.float32, device=dev)
         loss_rows, lse = torch.empty(N, **f32), torch.empty(N, **f32)
         hit = torch.empty(N, dtype=torch.int32, device=dev)
         ok = torch.ones((), dtype=torch.int32, device=dev)
-        buf = torch.empty((min(C, N), Vp), dtype=dt, device=dev)
-        buf[:, V:].zero_()  # the GEMM writes columns < V only; the gradient pass writes 0 here
-        dh_parts = [torch.empty((0, D), dtype=raw_dt, device=dev)]
+        rows = min(C, N)  # one allocation: the parts' contiguous (rows, width) buffers one after the other
+        buf = torch.empty(rows * V, dtype=dt, device=dev)
+        bufs = [buf[rows * p.start : rows * p.stop].view(rows, p.stop - p.start) for p in parts]
+        dh_raw = torch.empty((N, D), dtype=raw_dt, device=dev) if grad_h else None
         dw_raw = None
-        if (grad_w or grad_b) and (multi or not N):
-            dw_raw = torch.zeros((V, h_x.shape[1]), dtype=raw_dt, device=dev)
+        if grad_w or grad_b:
+            dw_raw = (torch.zeros if not N else torch.empty)((V, h_x.shape[1]), dtype=raw_dt, device=dev)
         for start in range(0, N, C):
             end = min(start + C, N)
-            logits = buf[: end - start, :V]
-            torch.mm(h[start:end], weight.t(), out=logits)
+            logits = [b[: end - start] for b in bufs]
+            for out, p in zip(logits, parts):
+                _decoder(out, h[start:end], weight[p], bias[p] if bias is not None else None)
+            tail = logits[1] if len(parts) > 1 else None
             ce_launch(
-                buf[: end - start], bias_p, labels[start:end], loss_rows[start:end], lse[start:end],
-                hit[start:end], buf, None, ok, s, V, ignore_index, stats=True, grad=need_grad,
+                logits[0], tail, labels[start:end], loss_rows[start:end], lse[start:end], hit[start:end],
+                logits[0], None, ok, s, V, ignore_index, stats=True, grad=need_grad,
             )  # fmt: skip
-            if grad_h:
-                dh_parts.append(_mm(logits, weight, raw_dt))
+            if grad_h:  # the tail's product first: a 16-bit dh then rounds the main sum once
+                for i, (g, p) in enumerate(reversed(list(zip(logits, parts)))):
+                    _mm(g, weight[p], raw_dt, out=dh_raw[start:end], accumulate=i > 0)
             if grad_w or grad_b:
-                dw_raw = _mm(logits.t(), h_x[start:end], raw_dt, acc=dw_raw)
-        del buf
+                for g, p in zip(logits, parts):
+                    _mm(g.t(), h_x[start:end], raw_dt, out=dw_raw[p], accumulate=start > 0)
         check_labels(ok, labels, V, ignore_index, "linear_cross_entropy")
         n_valid = (labels != ignore_index).sum()
         correct = hit.sum()
         ctx.mark_non_differentiable(correct)
         if need_grad:
-            dh_raw = torch.cat(dh_parts) if len(dh_parts) > 2 else dh_parts[-1]
             ctx.save_for_backward(dh_raw, dw_raw, n_valid)
             ctx.meta = (D, s, dt, grad_h, grad_w, grad_b)
         return loss_rows.sum() / n_valid.clamp(min=1), correct

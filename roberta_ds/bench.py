@@ -1,5 +1,5 @@
 """python -m roberta_ds.bench {data,e2e,convergence,scaling,comms}: benchmarks and models that write
-their rows (device, versions, commit) to CSV/JSON. Kernel benchmarks live in `python -m kernels.bench`.
+their rows (device, versions, commit) to CSV/JSON. Kernel benchmarks live in `python -m kernel_tools.bench`.
 
 - data: prepare's tokens/s and bytes per token against the run_mlm.py way
 - e2e: end-to-end training throughput / MFU: ours (triton, torch) vs transformers

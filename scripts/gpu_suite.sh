@@ -36,7 +36,7 @@ export HAVE_DS
 stage_env() {
   python - "$1" <<'EOF'
 import json, subprocess, sys, torch
-from kernels.bench_utils import env_info
+from roberta_ds.benchmarks.common import env_info
 info = env_info()
 try:
     import deepspeed
@@ -59,12 +59,12 @@ stage_gpu_tests() {  # bf16 forward and every gradient of every kernel, the auto
   python -m pytest tests -m gpu -q -p no:cacheprovider --junitxml "$1/junit.xml"
 }
 
-stage_kernels() {  # attention at 10% padding, layer_norm with dropout 0.1 (kernels/bench.py's sweep)
+stage_kernels() {  # attention at 10% padding, layer_norm with dropout 0.1 (kernel_tools/bench.py's sweep)
   if ((DRY)); then
-    TRITON_INTERPRET=1 python -m kernels.bench --smoke --dtype fp32 --kernels layer_norm \
+    TRITON_INTERPRET=1 python -m kernel_tools.bench --smoke --dtype fp32 --kernels layer_norm \
       --csv "$1/kernels.csv" --plot-dir "$1"
   else
-    python -m kernels.bench --dtype bf16 --csv "$1/kernels.csv" --plot-dir "$1"
+    python -m kernel_tools.bench --dtype bf16 --csv "$1/kernels.csv" --plot-dir "$1"
   fi
 }
 
@@ -106,9 +106,9 @@ stage_convergence() {  # 300 bf16 steps, ours on Triton vs transformers, same we
 
 stage_calibration() {  # the static sm_90 report, then (GPU) measured against modelled per kernel
   if ((DRY)); then
-    env -u TRITON_INTERPRET python -m kernels.perf_report --presets tiny --seq-lens 128 --out "$1"
+    env -u TRITON_INTERPRET python -m kernel_tools.perf_report --presets tiny --seq-lens 128 --out "$1"
   else
-    python -m kernels.perf_report --calibrate --out "$1"
+    python -m kernel_tools.perf_report --calibrate --out "$1"
   fi
 }
 

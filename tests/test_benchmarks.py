@@ -22,7 +22,7 @@ def run(args, env=None, timeout=600):
 def test_kernel_bench_smoke(tmp_path):
     res = run(
         [
-            "kernels.bench",
+            "kernel_tools.bench",
             "--smoke",
             "--dtype",
             "fp32",
@@ -47,7 +47,7 @@ def test_kernel_bench_smoke(tmp_path):
 def test_kernel_bench_refuses_cpu_without_smoke():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run(
-        [sys.executable, "-m", "kernels.bench"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "kernel_tools.bench"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert res.returncode == 2 and "needs a CUDA GPU" in res.stderr
 

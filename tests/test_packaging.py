@@ -19,3 +19,17 @@ def test_public_api():
         assert hasattr(roberta_ds, name)
     for name in ("attention_ref", "layer_norm_ref", "bias_gelu_ref", "cross_entropy_ref"):
         assert hasattr(kernels, name)
+
+
+def test_every_top_level_package_is_packaged():
+    # a package missing from [tool.setuptools.packages.find] imports from a checkout but not once installed
+    from pathlib import Path
+
+    from setuptools import find_packages
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    root = Path(__file__).resolve().parents[1]
+    find = read_configuration(root / "pyproject.toml", expand=False)["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_packages(root, include=find["include"]))
+    packages = {p.parent.name for p in root.glob("*/__init__.py")} - {"tests"}
+    assert {"kernels", "kernel_tools", "roberta_ds"} <= packages <= found

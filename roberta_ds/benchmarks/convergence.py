@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.bench_utils import env_info
+from roberta_ds.benchmarks.common import env_info
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kernels.bench_utils import append_csv, env_info, print_table
+from roberta_ds.benchmarks.common import append_csv, env_info, print_table
 
 
 def _du(path: Path) -> int:

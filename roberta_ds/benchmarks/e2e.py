@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.bench_utils import append_csv, env_info, print_table
+from roberta_ds.benchmarks.common import append_csv, env_info, print_table
 
 IMPLS = ("ours-triton", "ours-torch", "hf-sdpa")
 

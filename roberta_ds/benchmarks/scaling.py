@@ -281,7 +281,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(args) -> int:
-    from kernels.bench_utils import append_csv, git_commit, print_table
+    from roberta_ds.benchmarks.common import append_csv, git_commit, print_table
 
     rows = table(args)
     cols = ["preset", "zero", "gpus", "micro_batch", "grad_accum", "compute_ms", "exposed_comm_ms", "step_ms",

@@ -33,7 +33,7 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
         return True, ""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, ""
-    if device.type == "meta" and kernels.tracing():  # kernels.perf_report: launches compiled, not run
+    if device.type == "meta" and kernels.tracing():  # kernel_tools.perf_report: launches compiled, not run
         return True, ""
     return False, (
         f"kernels='triton' needs a CUDA device (the model is on {device}); set TRITON_INTERPRET=1 "

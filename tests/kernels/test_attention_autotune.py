@@ -1,5 +1,5 @@
 """The attention autotuning space fits sm_90: every config of every kernel, head dim and dropout flag,
-compiled for sm_90 as the launchers launch it (kernels.trace on meta tensors), passes the static
+compiled for sm_90 as the launchers launch it (kernel_tools.trace on meta tensors), passes the static
 report's check (no spills, wgmma, shared memory and one CTA fit), and the shared-memory estimate that
 prunes the space is an upper bound. Run as a script (no TRITON_INTERPRET) it prints one JSON row per
 compiled config. Correctness of every config: test_attention.py::test_every_autotune_config_in_fp32."""
@@ -21,7 +21,7 @@ B, S, H = 2, 512, 12  # the base preset at seq 512 (the grid does not change the
 def compile_space() -> list[dict]:
     """One report row per (kernel, head dim, dtype space, dropout, config), compiled with a key padding
     mask and document ids (the variant with the most registers)."""
-    from kernels import perf_report, sass, trace
+    from kernel_tools import perf_report, sass, trace
 
     trace.check_not_interpreted()
     A = importlib.import_module("kernels.attention")
@@ -49,7 +49,7 @@ def compile_space() -> list[dict]:
 
 
 def _trace_one(A, kernel, cfg, D, dtype, dropout):
-    from kernels import trace
+    from kernel_tools import trace
 
     qkv = torch.empty(B, S, 3, H, D, dtype=dtype, device="meta")  # q, k, v: views, as the model passes them
     q, k, v = qkv.unbind(2)

@@ -1,8 +1,21 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kernels import linear_cross_entropy, linear_cross_entropy_ref
 from tests.kernels.conftest import ATOL, DEVICE, DTYPES, check_close
+
+
+def rounded_inputs(N, D, V, dtype, bias=True, scale=(1, 0.2)):
+    """h (N, D), W (V, D), b (V,) drawn in fp64 and rounded to `dtype`, returned in fp64. The kernel
+    and torch both get the rounded numbers, so the fp64 reference must start from them too (as
+    flash-attention's tests do): from the unrounded ones it would also count the inputs' own rounding
+    (fp16, D = 1000: ~3e-4 on the loss), which belongs to neither path, and the two errors' ratio
+    would be chance (one path's rounding may cancel part of it, the other's not)."""
+    h = scale[0] * torch.randn(N, D, dtype=torch.float64, device=DEVICE)
+    w = scale[1] * torch.randn(V, D, dtype=torch.float64, device=DEVICE)
+    b = 0.1 * torch.randn(V, dtype=torch.float64, device=DEVICE) if bias else None
+    return (t.to(dtype).double() if t is not None else None for t in (h, w, b))
 
 
 def run_all(
@@ -18,9 +31,7 @@ def run_all(
     labels=None,
     scale=(1, 0.2),
 ):
-    h64 = scale[0] * torch.randn(N, D, dtype=torch.float64, device=DEVICE)
-    w64 = scale[1] * torch.randn(V, D, dtype=torch.float64, device=DEVICE)
-    b64 = 0.1 * torch.randn(V, dtype=torch.float64, device=DEVICE) if bias else None
+    h64, w64, b64 = rounded_inputs(N, D, V, dtype, bias, scale)
     if labels is None:
         labels = torch.randint(0, V, (N,), device=DEVICE)
         labels[torch.randperm(N)[:ignored]] = ignore_index
@@ -97,6 +108,48 @@ def test_argmax_hits_are_counted_only_for_labelled_rows():
 def test_without_bias_and_with_hidden_1000(dtype):
     out, _ = run_all(33, 1000, 517, dtype, ignored=3, bias=False)
     check_all(out, dtype, ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_each_row_loss_within_twice_a_16bit_decoder_error(dtype):
+    """Issue 19: the peer is transformers' decoder in `dtype` followed by an fp32 loss. When h.W was
+    rounded to 16 bits and the bias added afterwards, each row's loss erred as much as the peer's but
+    independently, so rows (and a mean over few rows) came out up to 27x the peer's error; with the
+    bias in the GEMM each logit is rounded as the peer rounds it (V = 1000: 960 aligned columns and a
+    tail of 40, each its own GEMM). Each row's loss, one call per labelled row, then every gradient
+    on a batch of that shape."""
+    N, D, V = 12, 768, 1000
+    h, w, b = (t.to(dtype) for t in rounded_inputs(N, D, V, dtype))
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    ref = F.cross_entropy(F.linear(h.double(), w.double(), b.double()), labels, reduction="none")
+    peer = F.cross_entropy(F.linear(h, w, b).float(), labels, reduction="none")
+    for i in range(N):
+        only_i = torch.full_like(labels, -100)
+        only_i[i] = labels[i]
+        check_close(linear_cross_entropy(h, w, b, only_i)[0], peer[i], ref[i], 1e-5, f"row {i} loss")
+    out, _ = run_all(N, D, V, dtype, labels=labels)
+    check_all(out, dtype, ATOL[dtype])
+
+
+@pytest.mark.parametrize("V", [129, 100], ids=["tail-1", "tail-36"])
+def test_labels_and_argmax_in_the_unaligned_last_columns(V):
+    """The last V % 64 columns have their own GEMMs and buffer: labels and argmaxes there count as
+    anywhere else."""
+    Va = V // 64 * 64
+    h64, w64, b64 = rounded_inputs(20, 64, V, torch.float32)
+    b64[Va:] += 100.0  # every row's argmax in the tail
+    labels = F.linear(h64, w64, b64).argmax(-1)
+    labels[:4] = torch.arange(4, device=DEVICE)  # and some labels in the aligned part
+    out = {}
+    for name, dt in (("kernel", torch.float32), ("ref", torch.float64)):
+        h, w, b = (t.to(dt).requires_grad_() for t in (h64, w64, b64))
+        fn = linear_cross_entropy if name == "kernel" else linear_cross_entropy_ref
+        loss, correct = fn(h, w, b, labels)
+        loss.backward()
+        out[name] = (loss, h.grad, w.grad, b.grad, correct)
+    assert out["kernel"][4].item() == out["ref"][4].item() == 16
+    for i, what in enumerate(("loss", "dh", "dweight", "dbias")):
+        assert torch.allclose(out["kernel"][i].double(), out["ref"][i], atol=1e-5), what
 
 
 @pytest.mark.parametrize("bad", [517, 10**6, -1, -101])

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_all_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_check"],
+        [sys.executable, "-m", "kernel_tools.compile_check"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -2,9 +2,9 @@
 
 For each traced configuration the same training forward + backward runs for real (bf16, random
 tokens, 15% labelled) under torch.profiler; each Triton kernel's mean device time is matched by name
-with the mean modelled time of its launches (kernels.perf_report), and every row goes to
+with the mean modelled time of its launches (kernel_tools.perf_report), and every row goes to
 <out>/sm90_calibration.csv: device, versions, commit, config, kernel, launches, measured_us,
-modelled_us, ratio. A ratio far from 1 says which term of kernels/cost_model.py to revisit.
+modelled_us, ratio. A ratio far from 1 says which term of kernel_tools/cost_model.py to revisit.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from pathlib import Path
 
 import torch
 import triton
+
+from roberta_ds.config import model_preset
+from roberta_ds.data.masking import masked_positions, max_masked
+from roberta_ds.model import RobertaMLM
 
 COLUMNS = [
     "device",
@@ -31,10 +35,6 @@ COLUMNS = [
 
 
 def _measure(cfg) -> dict[str, list[float]]:
-    from roberta_ds.config import model_preset
-    from roberta_ds.data.masking import masked_positions, max_masked
-    from roberta_ds.model import RobertaMLM
-
     mcfg = model_preset(
         cfg.preset, kernels="triton", hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout
     )
@@ -64,14 +64,13 @@ def _measure(cfg) -> dict[str, list[float]]:
     return times
 
 
-def calibrate(steps, out: Path, commit: str) -> None:
-    from kernels import perf_report
-
+def calibrate(modelled_steps: list[tuple], out: Path, commit: str) -> None:
+    """`modelled_steps`: (step config, [(kernel, category, modelled seconds) per launch]) as
+    perf_report.analyse gives them; each step then runs for real and is compared kernel by kernel."""
     if not torch.cuda.is_available():
         raise SystemExit("perf_report --calibrate needs a CUDA device")
     rows = []
-    for cfg in steps:
-        _, _, per_launch = perf_report.analyse(cfg, commit)
+    for cfg, per_launch in modelled_steps:
         modelled = defaultdict(list)
         for name, category, seconds in per_launch:
             if category == "triton":

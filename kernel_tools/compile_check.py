@@ -1,8 +1,8 @@
-"""python -m kernels.compile_check: compile every kernel for sm_90 (H100/H200) without a GPU.
+"""python -m kernel_tools.compile_check: compile every kernel for sm_90 (H100/H200) without a GPU.
 
 Builds each kernel at the block sizes and warps its launcher uses, for every dtype it supports,
 with Triton's CUDA backend targeting sm_90, and fails on what would only fail on the GPU: tl.dot
-shapes, layouts, shared memory over 227 KB. Must run without TRITON_INTERPRET (tests run it in a
+shapes, layouts, shared memory over kernels.sm90.SHARED_BYTES_PER_CTA. Must run without TRITON_INTERPRET (tests run it in a
 subprocess).
 """
 
@@ -12,9 +12,9 @@ import sys
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernel_tools.trace import SM90
 from kernels import sm90
 
 # kernels/__init__ re-exports functions under the module names, so take the modules themselves
@@ -53,7 +53,7 @@ def compile_sm90(jit_fn, values: dict, num_warps: int, num_stages: int = 3):
             raise TypeError(f"{name}={v!r}")
     src = ASTSource(jf, signature, constexprs)
     opts = {"num_warps": num_warps, "num_stages": num_stages}
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    compiled = triton.compile(src, target=SM90, options=opts)
     if compiled.metadata.shared > sm90.SHARED_BYTES_PER_CTA:
         raise RuntimeError(
             f"{jf.__name__}: {compiled.metadata.shared} B of shared memory > {sm90.SHARED_BYTES_PER_CTA}"
@@ -165,9 +165,9 @@ def pointwise_sm90():
         4,
     )
     LCE = importlib.import_module("kernels.linear_cross_entropy")
-    vp = 50304  # the fused head's padded row stride (V = 50265 rounded up to 64)
-    for stats, grad, bias, v_load in (
-        (True, True, dt, vp),
+    va = 50240  # the fused head: V = 50265 as 50240 aligned columns + a contiguous tail of 25
+    for stats, grad, tail, v_load in (
+        (True, True, dt, va),
         (True, False, None, 50265),
         (False, True, None, 50265),
     ):
@@ -175,7 +175,7 @@ def pointwise_sm90():
             C._ce_kernel,
             {
                 "Logits_ptr": dt,
-                "Bias_ptr": bias,
+                "Tail_ptr": tail,
                 "Labels_ptr": torch.int64,
                 **ptrs(["Loss_ptr", "LSE_ptr"], torch.float32),
                 "Hit_ptr": torch.int32,
@@ -188,10 +188,10 @@ def pointwise_sm90():
                 "stride_row": v_load,
                 "stride_drow": v_load,
                 "ignore_index": -100,
-                "HAS_BIAS": bias is not None,
                 "STATS": stats,
                 "GRAD": grad,
                 "BLOCK_V": C._block_v(v_load),
+                "BLOCK_T": 32 if tail is not None else 1,
             },
             8,
         )

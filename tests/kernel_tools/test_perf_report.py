@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.sass import KernelBinary, _innermost_loops, _local_bytes, _main_loop
+from kernel_tools.sass import KernelBinary, _innermost_loops, _local_bytes, _main_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,7 @@ BAD_KERNELS = textwrap.dedent(
     import torch
     import triton
     import triton.language as tl
-    from kernels import perf_report, sass, trace, cost_model
+    from kernel_tools import perf_report, sass, trace, cost_model
 
     @triton.jit
     def _square_kernel(X_ptr, Y_ptr, BLOCK: tl.constexpr):
@@ -111,7 +111,7 @@ def test_report_on_the_models_launches_passes_its_check(tmp_path):
     """What CI runs: every hot kernel of base and large, seq 128 and 512, with and without dropout and
     document mask, compiled as launched; the check fails on spills, mma.sync or shared memory."""
     res = subprocess.run(
-        [sys.executable, "-m", "kernels.perf_report", "--check", "--out", str(tmp_path)],
+        [sys.executable, "-m", "kernel_tools.perf_report", "--check", "--out", str(tmp_path)],
         cwd=ROOT,
         env=_compile_env(),
         capture_output=True,

@@ -3,7 +3,7 @@
 `trace_launches(fn)` runs `fn` on meta tensors (shapes and strides, no data) with two recorders on:
 - every Triton launch goes through Triton's own binder (so its specialisation is exactly a real
   launch's: 16-byte-aligned pointers and ints divisible by 16 marked, ints equal to 1 made constant)
-  and is compiled for `GPUTarget("cuda", 90, 32)` instead of being run; the grid, the bound
+  and is compiled for sm_90 (`SM90` below) instead of being run; the grid, the bound
   arguments and the CompiledKernel are kept;
 - every aten op on meta tensors (the cuBLAS GEMMs and the torch glue between the kernels) is kept
   with its input and output shapes, so the cost model can count its FLOPs and bytes.
@@ -12,7 +12,7 @@ base allocation were 16-byte aligned, which CUDA's caching allocator guarantees 
 Data-dependent ops cannot run on meta tensors: `nonzero` is answered with `nonzero_fraction` of the
 elements (the masked-token gather: 15%), and anything else data-dependent raises.
 Launchers that size their grids by the device (SM count) ask `kernels._utils.sm_count`, which
-answers the traced target's count (H100 SXM: 132) while tracing.
+answers the traced target's count (kernels.sm90.SM_COUNT) while tracing.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from triton.runtime.jit import JITFunction
 
 from kernels import _utils, sm90
 
-SM90 = GPUTarget("cuda", 90, 32)
+SM90 = GPUTarget("cuda", sm90.COMPUTE_CAPABILITY, sm90.WARP_SIZE)
 
 
 class TensorSpec(NamedTuple):
@@ -161,5 +161,5 @@ def trace_launches(nonzero_fraction: float = 0.15):
 def check_not_interpreted() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError(
-            "kernels.trace compiles for sm_90: unset TRITON_INTERPRET before importing kernels"
+            "kernel_tools.trace compiles for sm_90: unset TRITON_INTERPRET before importing kernels"
         )

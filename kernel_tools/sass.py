@@ -12,9 +12,9 @@ registers, stack and shared memory; `-sass` for the instructions), so it needs n
 - Spill bytes are the static widths of local-memory stores and loads (`STL`/`LDL`), which is what
   `ptxas -v` reports as spill stores/loads.
 - Tensor cores: `HGMMA` (Hopper warpgroup MMA, `wgmma`), `HMMA` (`mma.sync`); TMA: `UTMALDG`/`UTMASTG`.
-- Occupancy (CTAs per SM) from H100 limits: 64K registers (allocated per warp in units of 256),
-  228 KB shared memory (each CTA's count includes the 1 KB that sm_90 reserves, which cuobjdump
-  reports as static shared memory), 64 warps, 32 CTAs.
+- Occupancy (CTAs per SM) from the sm_90 limits of kernels/sm90.py: registers (allocated per warp
+  in units of REG_ALLOC_UNIT), shared memory (each CTA's count includes the block that sm_90
+  reserves per CTA, which cuobjdump reports as static shared memory), warps and CTAs per SM.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class KernelBinary:
 
     @property
     def ctas_per_sm(self) -> int:
-        regs_per_warp = -(-max(self.regs, 1) * 32 // 256) * 256
+        unit = sm90.REG_ALLOC_UNIT
+        regs_per_warp = -(-max(self.regs, 1) * sm90.WARP_SIZE // unit) * unit
         by_regs = sm90.REGS_PER_SM // (regs_per_warp * self.num_warps)
         by_smem = sm90.SHARED_BYTES_PER_SM // max(self.smem_bytes, 1)
         return max(0, min(by_regs, by_smem, sm90.MAX_WARPS_PER_SM // self.num_warps, sm90.MAX_CTAS_PER_SM))
@@ -124,7 +125,7 @@ class KernelBinary:
             op = s.split()[0] if not s.startswith("@") else s.split()[1]
             if op.startswith(("LDG", "STG", "RED", "ATOM")) and not op.startswith("LDGDEPBAR"):
                 m = _WIDTH.search(op)
-                total += 32 * (int(m[1]) // 8 if m else 4)
+                total += sm90.WARP_SIZE * (int(m[1]) // 8 if m else 4)
         return total
 
 

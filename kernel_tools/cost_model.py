@@ -1,8 +1,9 @@
-"""A roofline-style H100 cost model for a recorded launch sequence (kernels.trace).
+"""A roofline-style H100 cost model for a recorded launch sequence (kernel_tools.trace).
 
-Per launch:  time = max(tensor-core FLOPs / TC_PEAK, DRAM bytes / HBM_BW, L2 bytes / L2_BW,
-                        warp-instructions issued / ISSUE_RATE) / wave_efficiency + LAUNCH_S
-- Triton kernels (from their sm_90 SASS, kernels.sass): FLOPs and warp-instructions are the static
+Per launch:  time = max(tensor-core FLOPs / TC_PEAK_FLOPS, DRAM bytes / HBM_BYTES_PER_S,
+                        L2 bytes / L2_BYTES_PER_S, warp-instructions issued / ISSUE_RATE)
+                   / wave_efficiency + LAUNCH_S
+- Triton kernels (from their sm_90 SASS, kernel_tools.sass): FLOPs and warp-instructions are the static
   counts outside every loop plus the main loop's counts x its trip count (MAIN_LOOP_TRIPS below,
   from the launch's arguments), x warps x CTAs. In a kernel whose main loop runs the tensor cores,
   the other loops are masked tails and taken as not run (full packed blocks); in an elementwise
@@ -13,14 +14,13 @@ Per launch:  time = max(tensor-core FLOPs / TC_PEAK, DRAM bytes / HBM_BW, L2 byt
 - cuBLAS GEMMs (aten mm/addmm/bmm): 2*M*N*K FLOPs at the measured GEMM rate; bytes = operands.
 - Other aten ops (the glue between kernels): inputs + outputs bytes at HBM bandwidth. View ops and
   allocations cost nothing and launch nothing.
-Constants: datasheet H100 SXM5 (132 SMs, 4 schedulers issuing one warp-instruction per clock each,
-1.755 GHz sustained, 989 TFLOP/s dense bf16, 3.35 TB/s HBM3) with what was measured on an H100 of
-this workplace where it exists: ~3.0 TB/s device copy, 798 TFLOP/s for a bf16 8192^3 matmul (used
-as the tensor-core roof for cuBLAS and Triton alike). L2 bandwidth (~5.5 TB/s) and the launch gap
-(2 us between dependent kernels) are estimates.
+Constants: the H100 figures of kernels/sm90.py (datasheet, and what was measured on an H100 of this
+workplace where it exists; the measured matmul rate is the tensor-core roof for cuBLAS and Triton
+alike); ISSUE_RATE = SMs x schedulers x clock. The launch gap (LAUNCH_S, between dependent kernels)
+is an estimate.
 Error band: +-30% per memory-bound kernel, -20%/+50% per latency-bound or small-grid kernel (the
 model ignores latency and occupancy effects beyond wave quantisation), +-25% on the summed step.
-It is an estimate, never a measurement: `python -m kernels.perf_report --calibrate` on a GPU writes
+It is an estimate, never a measurement: `python -m kernel_tools.perf_report --calibrate` on a GPU writes
 measured against modelled per kernel (bench_results/sm90_calibration.csv).
 """
 
@@ -31,16 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kernel_tools.sass import KernelBinary
+from kernel_tools.trace import TensorSpec, TorchOp, TritonLaunch
 from kernels import sm90
-from kernels.sass import KernelBinary
-from kernels.trace import TensorSpec, TorchOp, TritonLaunch
 
-SMS = sm90.SM_COUNT
-ISSUE_RATE = SMS * 4 * sm90.CLOCK_HZ  # warp-instructions per second
-TC_PEAK = sm90.TC_PEAK_FLOPS
-DATASHEET_PEAK_BF16 = sm90.DATASHEET_PEAK_BF16_FLOPS
-HBM_BW = sm90.HBM_BYTES_PER_S
-L2_BW = sm90.L2_BYTES_PER_S
+ISSUE_RATE = sm90.SM_COUNT * sm90.SCHEDULERS_PER_SM * sm90.CLOCK_HZ  # warp-instructions per second
 LAUNCH_S = 2e-6
 
 GEMM_OPS = (
@@ -122,11 +117,11 @@ def triton_cost(launch: TritonLaunch, binary: KernelBinary) -> Cost:
     prologue_free = [s for s in straight if "LDGSTS" not in s]
     l2_bytes = warps * (binary.global_bytes(prologue_free) + binary.global_bytes(loop) * trips)
     dram = _tensor_bytes(launch.args)
-    efficiency = (launch.ctas / SMS) / _cdiv(launch.ctas, SMS)
+    efficiency = (launch.ctas / sm90.SM_COUNT) / _cdiv(launch.ctas, sm90.SM_COUNT)
     terms = {
-        "tc": flops / TC_PEAK,
-        "dram": dram / HBM_BW,
-        "l2": l2_bytes / L2_BW,
+        "tc": flops / sm90.TC_PEAK_FLOPS,
+        "dram": dram / sm90.HBM_BYTES_PER_S,
+        "l2": l2_bytes / sm90.L2_BYTES_PER_S,
         "issue": instructions / ISSUE_RATE,
     }
     seconds, bound = _roof(terms, efficiency)
@@ -143,5 +138,5 @@ def torch_cost(op: TorchOp) -> Cost | None:
         (m, k), n = op.inputs[-2][0][-2:], op.inputs[-1][0][-1]
         batch = math.prod(op.inputs[-2][0][:-2])
         flops = 2.0 * batch * m * n * k
-    seconds, bound = _roof({"tc": flops / TC_PEAK, "dram": dram / HBM_BW})
+    seconds, bound = _roof({"tc": flops / sm90.TC_PEAK_FLOPS, "dram": dram / sm90.HBM_BYTES_PER_S})
     return Cost(seconds, bound, flops, dram, 0.0, 0.0)

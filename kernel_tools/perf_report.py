@@ -1,10 +1,10 @@
-"""python -m kernels.perf_report: the static sm_90 performance report of every hot kernel (no GPU needed).
+"""python -m kernel_tools.perf_report: the static sm_90 performance report of every hot kernel (no GPU needed).
 
 It runs one forward + backward of the model (bf16, training mode) on meta tensors for each traced
 configuration (presets base and large, seq 128 and 512, dropout 0 and 0.1, document mask off and
-on; the micro-batch comes from the ds_config), records every launch (kernels.trace: Triton launches
+on; the micro-batch comes from the ds_config), records every launch (kernel_tools.trace: Triton launches
 compiled for sm_90 with the specialisation a real launch gets, plus the aten ops between them),
-reads each binary (kernels.sass) and models its time on an H100 (kernels.cost_model).
+reads each binary (kernel_tools.sass) and models its time on an H100 (kernel_tools.cost_model).
 
 Writes (into --out, default bench_results/):
 - sm90_report.csv: one row per hot-kernel variant (the columns of REPORT_COLUMNS), rows of other
@@ -34,7 +34,13 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels import cost_model, sass, sm90, trace
+from kernel_tools import cost_model, sass, trace
+from kernel_tools.perf_calibrate import calibrate
+from kernels import sm90
+from roberta_ds.config import model_preset
+from roberta_ds.data.masking import max_masked
+from roberta_ds.model import RobertaMLM
+from roberta_ds.model.roberta import flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_COLUMNS = [
@@ -61,10 +67,6 @@ class StepConfig:
 
 def trace_step(cfg: StepConfig) -> tuple[list, object]:
     """Launch sequence of one training forward + backward (bf16) of `cfg` on meta tensors."""
-    from roberta_ds.config import model_preset
-    from roberta_ds.data.masking import max_masked
-    from roberta_ds.model import RobertaMLM
-
     mcfg = model_preset(
         cfg.preset, kernels="triton", hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout
     )
@@ -101,7 +103,10 @@ def _commit() -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "kernels"], cwd=ROOT, capture_output=True, text=True
+            ["git", "status", "--porcelain", "kernels", "kernel_tools"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
@@ -147,15 +152,13 @@ def analyse(cfg: StepConfig, commit: str) -> tuple[list[dict], dict, list]:
         per_launch.append((ev.name, category, cost.seconds))
     step_s = total["triton_s"] + total["gemm_s"] + total["glue_s"]
     tokens = cfg.micro_batch * cfg.seq_len
-    from roberta_ds.model.roberta import flops_per_token
-
     model_flops = flops_per_token(mcfg, cfg.seq_len) * tokens
     summary = dict(
         config=cfg.label, preset=cfg.preset, seq_len=cfg.seq_len, dropout=cfg.dropout,
         document_mask=cfg.document_mask, micro_batch=cfg.micro_batch, modelled_ms=round(step_s * 1e3, 2),
         triton_ms=round(total["triton_s"] * 1e3, 2), gemm_ms=round(total["gemm_s"] * 1e3, 2),
         glue_ms=round(total["glue_s"] * 1e3, 2),
-        mfu=round(model_flops / step_s / cost_model.DATASHEET_PEAK_BF16, 3),
+        mfu=round(model_flops / step_s / sm90.DATASHEET_PEAK_BF16_FLOPS, 3),
         moved_gb=round((total["triton_bytes"] + total["gemm_bytes"] + total["glue_bytes"]) / 1e9, 2),
         min_gb=round((total["triton_bytes"] + total["gemm_bytes"]) / 1e9, 2),
         launches_per_layer=round(launches / mcfg.num_layers, 1),
@@ -230,8 +233,8 @@ def markdown(rows: list[dict], summaries: list[dict], recipe: str) -> str:
     lines = [
         "# Static sm_90 report (compile-time figures and model estimates, not measurements)",
         "",
-        f"`python -m kernels.perf_report`, triton {head['triton']}, commit {head['commit']}, bf16, training mode; "
-        "cost model and its error band: `kernels/cost_model.py` (+-25% on a step). One forward + backward of one "
+        f"`python -m kernel_tools.perf_report`, triton {head['triton']}, commit {head['commit']}, bf16, training mode; "
+        "cost model and its error band: `kernel_tools/cost_model.py` (+-25% on a step). One forward + backward of one "
         "micro-batch; the optimizer step and ZeRO communication are not included.",
         "",
         "| config | micro-batch | modelled ms | Triton ms | GEMM ms | glue ms | MFU | GB moved | GB min | launches/layer |",
@@ -287,9 +290,10 @@ def main(argv=None) -> int:
     rows, summaries = [], []
     steps = configs(args.ds_config, args.presets, args.seq_lens)
     recipe = StepConfig(args.presets[0], max(args.seq_lens), 0.1, False, steps[0].micro_batch).label
-    seen, recipe_rows = set(), []
+    seen, recipe_rows, modelled = set(), [], []
     for cfg in steps:
-        cfg_rows, summary, _ = analyse(cfg, commit)
+        cfg_rows, summary, per_launch = analyse(cfg, commit)
+        modelled.append((cfg, per_launch))
         summaries.append(summary)
         print(
             f"{cfg.label:<22} modelled {summary['modelled_ms']:>8.2f} ms  MFU {summary['mfu']:.0%}  "
@@ -314,9 +318,7 @@ def main(argv=None) -> int:
     for p in problems:
         print(f"CHECK FAILED: {p}", file=sys.stderr)
     if args.calibrate:
-        from kernels.perf_calibrate import calibrate
-
-        calibrate(steps, args.out, commit)
+        calibrate(modelled, args.out, commit)
     return 1 if (problems and args.check) else 0
 
 

@@ -1,4 +1,4 @@
-"""Benchmark bookkeeping shared by kernels.bench and roberta_ds.bench: what ran where, appended
+"""Benchmark bookkeeping shared by roberta_ds.bench and kernel_tools.bench: what ran where, appended
 to CSV rows so results from different machines and commits can sit in one file."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""python -m kernels.bench: each fused kernel against what users would pick instead.
+"""python -m kernel_tools.bench: each fused kernel against what users would pick instead.
 
 For every kernel, forward, backward and forward+backward at the shapes of the `base` and `large`
 presets (seq 128 and 512, ~16K tokens per batch), timed with triton.testing.do_bench (median and
@@ -238,7 +238,7 @@ def shapes(smoke: bool):
 
 
 def run(args) -> list[dict]:
-    from kernels.bench_utils import append_csv, env_info, print_table
+    from roberta_ds.benchmarks.common import append_csv, env_info, print_table
 
     device = "cpu" if args.smoke else "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -336,7 +336,7 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m kernels.bench",
+        prog="python -m kernel_tools.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -351,11 +351,11 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
-        print("kernels.bench --smoke: run with TRITON_INTERPRET=1 set", file=sys.stderr)
+        print("kernel_tools.bench --smoke: run with TRITON_INTERPRET=1 set", file=sys.stderr)
         return 2
     if not args.smoke and not torch.cuda.is_available():
         print(
-            "kernels.bench: needs a CUDA GPU (timings come from triton.testing.do_bench); --smoke exercises "
+            "kernel_tools.bench: needs a CUDA GPU (timings come from triton.testing.do_bench); --smoke exercises "
             "the script on CPU",
             file=sys.stderr,
         )
