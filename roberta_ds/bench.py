@@ -32,6 +32,15 @@ def _add_data_args(d) -> None:
     d.add_argument("--num-proc", type=int, default=2)
     d.add_argument("--cache-dir", default="data_cache")
     d.add_argument("--csv", default="bench_results/data.csv")
+    d.add_argument(
+        "--repeats", type=int, default=3, help="runs of the 1- and N-worker prepares; the fastest counts"
+    )
+    d.add_argument(
+        "--datatrove-path",
+        default=None,
+        help="a folder to put on sys.path for datatrove (pip install --no-deps --target DIR datatrove "
+        "loguru humanize); without it, datatrove is used if importable, else its row is left out",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

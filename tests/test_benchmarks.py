@@ -67,18 +67,42 @@ def test_data_bench(tmp_path, kjv_dataset):
             "128",
             "--num-proc",
             "1",
+            "--repeats",
+            "1",
             "--csv",
             str(tmp_path / "d.csv"),
         ]
     )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "d.csv").open()))
+    rows = [r for r in rows if not r["method"].startswith("datatrove")]  # there when it is installed
     ours, hf = rows[0], rows[-1]  # 1 worker, (--num-proc workers, a resumed run,) run_mlm.py's way
     assert ours["method"].startswith("roberta-ds prepare, 1 worker") and hf["method"].startswith("run_mlm")
     # the same tokens on both sides: ours has one </s> per document, run_mlm.py <s> and </s>
     assert 3 <= len(rows) <= 4 and int(hf["tokens"]) - int(ours["tokens"]) == 150
     assert float(ours["token_bytes_per_token"]) < float(hf["token_bytes_per_token"])
-    assert "speedup" in res.stdout
+    # the stages prepare timed, and the serial share they make of the run
+    stages = sum(float(ours[f"{k}_s"]) for k in ("startup", "plan", "tokenizer", "tokenize", "finalize"))
+    assert 0.5 * float(ours["seconds"]) < stages <= float(ours["seconds"]) + 0.01
+    assert 0 < float(ours["serial_fraction"]) < 1
+    assert "speedup" in res.stdout and "stages in seconds" in res.stdout
+
+
+def test_data_bench_serial_fraction_and_amdahl():
+    """Measured stages -> serial share -> Amdahl, against figures worked by hand: 100 s on one
+    worker at 100 MB, of which 4 s fixed (start-up, tokenizer) and 1 s per-task (plan, finalize)."""
+    from roberta_ds.benchmarks.data import scaling_summary
+
+    one = {"seconds": 100.0, "startup_s": 1.0, "tokenizer_s": 3.0, "plan_s": 0.5, "finalize_s": 0.5}
+    s = scaling_summary(one, {"seconds": 55.0}, 2, int(100e6))
+    assert s["speedup"] == pytest.approx(100 / 55) and s["efficiency"] == pytest.approx(100 / 110)
+    assert s["serial_fraction"] == pytest.approx(0.05)
+    assert s["efficiency_64"] == pytest.approx(1 / (0.05 * 64 + 0.95))  # 0.2424
+    # 160 GB = 1,600x: tokenize 95 s -> 152,000 s, plan + finalize 1 s -> 1,600 s, fixed 4 s
+    f = 1604 / (1604 + 152_000)
+    assert s["serial_fraction_160gb"] == pytest.approx(f)
+    assert s["efficiency_1024_160gb"] == pytest.approx(1 / (f * 1024 + 1 - f))
+    assert s["karp_flatt"] == pytest.approx(2 / (100 / 55) - 1)
 
 
 @pytest.mark.multiproc

@@ -91,13 +91,15 @@ def prepare(
     if _finished(out, settings, overwrite):
         log.info("prepare: %s is already prepared with these settings; reusing it", out)
         return out
+    clock = PhaseClock(t0)
     files = None if (out / "tasks.json").is_file() else _list(inputs)  # bad inputs: nothing written
     _claim_folder(out, settings)
     plan = _plan(out, files, task_bytes)
     tasks = [Task(**t) for t in plan["tasks"]]
     mine = [t for t in tasks if task_group is None or t.index % num_task_groups == task_group]
     bar = Progress(out, progress)
-    info = _tokenizer_stage(out, tokenizer, vocab_size, settings, tasks, mine, workers, bar)
+    clock.lap("plan")
+    info = _tokenizer_stage(out, tokenizer, vocab_size, settings, tasks, mine, workers, bar, clock)
     params = {
         "text_field": text_field,
         "tok_dir": str(out / "tokenizer"),
@@ -106,6 +108,7 @@ def prepare(
         "valid_fraction": valid_fraction,
     }
     run_stage("tokenize", out, mine, params, workers, bar)
+    clock.lap("tokenize")
     if not all(T.task_dir(out, t.index).is_dir() for t in tasks):
         log.info(
             "prepare: task group %s of %d done; the dataset is finalized once every task is",
@@ -113,8 +116,28 @@ def prepare(
             num_task_groups,
         )
         return out
-    finalize(out, tasks, settings, info, plan["skipped_binary_files"], time.time() - t0)
+    finalize(out, tasks, settings, info, plan["skipped_binary_files"], clock)
     return out
+
+
+class PhaseClock:
+    """Wall seconds of each stage of this prepare (metadata.json's timings): 'plan', 'tokenizer' and
+    'finalize' run on one process whatever the number of workers (the serial part that bounds
+    scaling), 'sample' and 'tokenize' on all of them."""
+
+    SERIAL = ("plan", "tokenizer", "finalize")
+
+    def __init__(self, t0: float):
+        self.t0 = self.last = t0
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.time()
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + now - self.last, 3)
+        self.last = now
+
+    def seconds(self) -> float:
+        return time.time() - self.t0
 
 
 def _check_args(seq_len, tokenizer, vocab_size, valid_fraction, task_group, num_task_groups) -> None:
@@ -271,10 +294,11 @@ def run_stage(stage: str, out: Path, tasks: list[Task], params: dict, workers: i
     bar.close()
 
 
-def _tokenizer_stage(out, tokenizer, vocab_size, settings, tasks, mine, workers, bar) -> dict:
+def _tokenizer_stage(out, tokenizer, vocab_size, settings, tasks, mine, workers, bar, clock) -> dict:
     """tokenizer/ and tokenizer_info.json (its completion mark), made by one process; returns the info."""
     info_path = out / "tokenizer_info.json"
     if info_path.is_file():
+        clock.lap("tokenizer")
         return json.loads(info_path.read_text())
     if tokenizer == "train":
         budget = settings["tokenizer_sample_bytes"]
@@ -288,6 +312,7 @@ def _tokenizer_stage(out, tokenizer, vocab_size, settings, tasks, mine, workers,
         # then the other groups' sample tasks not done yet (or waits for their holders): an array
         # group never waits for a group that Slurm has not started (arrays throttled with %N)
         run_stage("sample", out, tasks, params, workers, bar)
+        clock.lap("sample")
     lock = out / "tokenizer.lock"
     while not info_path.is_file():
         if not T.claim(lock):
@@ -298,6 +323,7 @@ def _tokenizer_stage(out, tokenizer, vocab_size, settings, tasks, mine, workers,
                 _make_tokenizer(out, tokenizer, vocab_size, settings, tasks)
         finally:
             lock.unlink(missing_ok=True)
+    clock.lap("tokenizer")
     return json.loads(info_path.read_text())
 
 
@@ -368,7 +394,7 @@ def tokenizer_identity(tok_dir: Path, source: str) -> dict:
 
 
 def finalize(
-    out: Path, tasks: list[Task], settings: dict, info: dict, skipped: list[str], seconds: float
+    out: Path, tasks: list[Task], settings: dict, info: dict, skipped: list[str], clock: PhaseClock
 ) -> dict:
     """metadata.json from the task manifests, in task order (no token is copied); written last."""
     report = {"documents": 0, "empty_documents": 0, "replaced_characters": 0, "tokens": 0}
@@ -397,6 +423,8 @@ def finalize(
         )
     for s in splits.values():
         s["num_blocks"] = -(-s["num_tokens"] // (settings["seq_len"] - 2))
+    clock.lap("finalize")  # what is left (writing metadata.json) is a few ms
+    seconds = clock.seconds()
     meta = {
         "format_version": FORMAT_VERSION,
         "num_tokens": sum(s["num_tokens"] for s in splits.values()),
@@ -410,13 +438,14 @@ def finalize(
         "timings": {
             "seconds": round(seconds, 2),
             "tokens_per_s": round(report["tokens"] / max(seconds, 1e-9)),
+            "phases": clock.phases,  # this run's; a resumed prepare's count only what it redid
         },
     }
     part = out / f"metadata.json.{T.HOST}-{os.getpid()}"
     part.write_text(json.dumps(meta, indent=1))
     part.replace(out / "metadata.json")
     log.info(
-        "prepare: %d documents, %d tokens, %d train blocks of %d, %d tasks -> %s (%.1fs)",
+        "prepare: %d documents, %d tokens, %d train blocks of %d, %d tasks -> %s (%.1fs: %s)",
         report["documents"],
         meta["num_tokens"],
         meta["num_blocks"],
@@ -424,6 +453,7 @@ def finalize(
         len(tasks),
         out,
         seconds,
+        ", ".join(f"{k} {v:.1f}s" for k, v in clock.phases.items()),
     )
     if report["replaced_characters"]:
         log.warning(
