@@ -25,7 +25,6 @@ import csv
 import inspect
 import itertools
 import json
-import subprocess
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import triton
 from kernel_tools import cost_model, sass, trace
 from kernel_tools.perf_calibrate import calibrate
 from kernels import sm90
+from roberta_ds.benchmarks.common import git_commit
 from roberta_ds.config import model_preset
 from roberta_ds.data.masking import max_masked
 from roberta_ds.model import RobertaMLM
@@ -95,22 +95,6 @@ def _variant(args: dict) -> str:
 
 def _blocks(args: dict) -> str:
     return "x".join(str(v) for k, v in args.items() if k.startswith("BLOCK") and isinstance(v, int))
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "kernels", "kernel_tools"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def analyse(cfg: StepConfig, commit: str) -> tuple[list[dict], dict, list]:
@@ -285,7 +269,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     trace.check_not_interpreted()
-    commit = _commit()
+    commit = git_commit(("kernels", "kernel_tools"))  # what the report depends on
     baseline = read_csv(args.baseline)
     rows, summaries = [], []
     steps = configs(args.ds_config, args.presets, args.seq_lens)

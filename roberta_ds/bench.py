@@ -36,6 +36,11 @@ def _add_data_args(d) -> None:
         "--repeats", type=int, default=3, help="runs of the 1- and N-worker prepares; the fastest counts"
     )
     d.add_argument(
+        "--rss-only",
+        action="store_true",
+        help="one --num-proc prepare of --corpus: seconds and peak RSS per process (the 4 GB check)",
+    )
+    d.add_argument(
         "--datatrove-path",
         default=None,
         help="a folder to put on sys.path for datatrove (pip install --no-deps --target DIR datatrove "

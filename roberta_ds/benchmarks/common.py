@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 
-def git_commit() -> str:
+def git_commit(paths: tuple[str, ...] = ()) -> str:
+    """HEAD's short hash, "-dirty" when tracked files (under `paths`, if given) differ from it."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -22,7 +23,7 @@ def git_commit() -> str:
             timeout=10,
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
             capture_output=True,
             text=True,
             cwd=Path(__file__).resolve().parent,

@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from roberta_ds.benchmarks import doc_tables
 from roberta_ds.benchmarks.common import append_csv, env_info, print_table
 
 
@@ -237,6 +238,8 @@ def main(args) -> int:
     task_bytes = max(1 << 16, size // 20)  # 20 tasks: a kill at 60% lands between tasks' ends
     n = args.num_proc
     work = Path(tempfile.mkdtemp(prefix="rds-bench-data-"))
+    if args.rss_only:
+        return rss_only(corpus, args, n, work)
     try:
         ones, manys = [], []
         for r in range(args.repeats):  # interleaved, so that a slow spell hits both sides alike
@@ -300,6 +303,28 @@ def main(args) -> int:
         + "\n".join(f"- {x}" for x in lines)
         + "\n"
     )
+    if md.resolve().is_relative_to(doc_tables.ROOT):  # the docs quote it: bring them up to date
+        doc_tables.sync()
+    return 0
+
+
+def rss_only(corpus: Path, args, n: int, work: Path) -> int:
+    """One n-worker prepare: its seconds and the peak RSS of any one of its processes."""
+    try:
+        from roberta_ds.data.prepare import TASK_BYTES
+
+        row, _ = ours(corpus, args.tokenizer, args.seq_len, n, work, TASK_BYTES)  # prepare's default
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    info = env_info()
+    row = {"bench": "data", **info, "corpus": str(corpus), "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
+           "tokenizer": args.tokenizer, "seq_len": args.seq_len, "num_proc": n, **row}  # fmt: skip
+    print(
+        f"data preparation (peak RSS), {info['device']}, commit {info['commit']}, corpus {corpus} "
+        f"({row['corpus_mb']} MB, {row['tasks']} tasks): {row['seconds']:.0f} s, "
+        f"{row['tokens_per_s']:,.0f} tokens/s, peak RSS per process {row['peak_rss_gb_per_process']:.3f} GB"
+    )
+    append_csv(args.csv, [row])
     return 0
 
 

@@ -256,7 +256,8 @@ def _plan(out: Path, files: tuple | None, task_bytes: int) -> dict:
 
 def run_stage(stage: str, out: Path, tasks: list[Task], params: dict, workers: int, bar: Progress) -> None:
     """Run the incomplete `tasks` of `stage`: in this process for one worker, else in a pool of
-    spawned processes; then wait for the ones another process holds (or take them over if it died)."""
+    spawned processes; a task another process holds is tried again every second (in the pool, so
+    that one freed by a dead holder runs beside the rest) until it is complete."""
     done = (
         (lambda t: T.sample_file(out, t.index).exists())
         if stage == "sample"
@@ -264,34 +265,46 @@ def run_stage(stage: str, out: Path, tasks: list[Task], params: dict, workers: i
     )
     todo = [t for t in tasks if not done(t)]
     bar.start(stage, tasks, todo)
-    busy = []
     if workers <= 1 or len(todo) <= 1:
-        for t in todo:
-            if T.run(stage, str(out), t.as_dict(), params) == "busy":
-                busy.append(t)
-            bar.update()
+        busy = [t for t in todo if _run_one(stage, out, t, params, bar) == "busy"]
+        while busy:  # held by another process (another prepare, or an array task)
+            time.sleep(1)
+            busy = [t for t in busy if not done(t) and _run_one(stage, out, t, params, bar) == "busy"]
     elif todo:
         ctx = mp.get_context("spawn")  # no fork of a process holding threads (tokenizers, torch)
         with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as ex:
-            futures = {ex.submit(T.run, stage, str(out), t.as_dict(), params): t for t in todo}
-            pending = set(futures)
+
+            def submit(t: Task) -> cf.Future:
+                f = ex.submit(T.run, stage, str(out), t.as_dict(), params)
+                f.task = t
+                return f
+
+            pending, busy = {submit(t) for t in todo}, {}  # busy: task -> when it was found held
             try:
-                while pending:
-                    finished, pending = cf.wait(pending, timeout=2, return_when=cf.FIRST_EXCEPTION)
+                while pending or busy:
+                    finished, pending = cf.wait(pending, timeout=1, return_when=cf.FIRST_EXCEPTION)
                     for f in finished:
                         if f.result() == "busy":  # raises a worker's PrepareError here
-                            busy.append(futures[f])
+                            busy[f.task] = time.time()
+                    for t, since in list(busy.items()):
+                        if done(t):
+                            del busy[t]
+                        elif time.time() - since >= 1:
+                            del busy[t]
+                            pending.add(submit(t))
+                    if not pending and busy:
+                        time.sleep(0.2)
                     bar.update()
             except BaseException:
                 ex.shutdown(wait=True, cancel_futures=True)  # running tasks finish: nothing is lost
                 raise
-    while busy:  # held by another process (another prepare, or an array task)
-        time.sleep(1)
-        bar.update()
-        for t in list(busy):
-            if done(t) or T.run(stage, str(out), t.as_dict(), params) == "done":
-                busy.remove(t)
     bar.close()
+
+
+def _run_one(stage: str, out: Path, t: Task, params: dict, bar: Progress) -> str:
+    result = T.run(stage, str(out), t.as_dict(), params)
+    bar.update()
+    return result
 
 
 def _tokenizer_stage(out, tokenizer, vocab_size, settings, tasks, mine, workers, bar, clock) -> dict:

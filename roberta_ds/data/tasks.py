@@ -76,19 +76,40 @@ def claim(lock: Path) -> bool:
                 return False
             lock.unlink(missing_ok=True)
             continue
-        os.write(fd, f"{HOST} {os.getpid()}".encode())
+        os.write(fd, f"{HOST} {os.getpid()} {_started(os.getpid()) or ''}".strip().encode())
         os.close(fd)
         return True
     return False
 
 
-def is_stale(lock: Path) -> bool:
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields from the state on (field 3), or None: no such process, or no /proc."""
     try:
-        host, pid = lock.read_text().split()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (with the pid, it names one process)."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None
+
+
+def is_stale(lock: Path) -> bool:
+    """Whether the holder written in `lock` ("host pid [start]") is dead. A killed process can
+    linger for a moment as a zombie, and its pid can be reused later: both count as dead, by the
+    process state and start time in /proc (Linux); elsewhere by signal 0."""
+    try:
+        host, pid, *start = lock.read_text().split()
     except (FileNotFoundError, ValueError):
         return True  # gone, or cut short by a kill between create and write
     if host != HOST:
         return False  # cannot tell from here: a dead node's lock is removed by hand (docs/data.md)
+    if Path("/proc/self/stat").is_file():
+        fields = _proc_stat(int(pid))
+        return fields is None or fields[0] in "ZX" or (bool(start) and fields[19] != start[0])
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

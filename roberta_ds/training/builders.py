@@ -22,24 +22,28 @@ from roberta_ds.model import RobertaMLM, load_hf
 from roberta_ds.training import checkpoint, ds_config
 from roberta_ds.training.distributed import barrier, rank0_does
 from roberta_ds.training.preemption import ignore_stop_signals
-from roberta_ds.training.run_dir import check_resume_model
 
 log = logging.getLogger("roberta_ds.train")
 
 
 # ---------------------------------------------------------------------------------------- data
-def check_datasets(cfg: RunConfig, folders: list[Path], global_batch: int) -> dict:
-    """Every dataset read (several in a mixture: one tokenizer, one seq_len); the first's metadata.
-    Sets cfg.model.vocab_size and cfg.data.seq_len from the datasets."""
+def with_datasets(cfg: RunConfig, folders: list[Path], global_batch: int) -> RunConfig:
+    """`cfg` with the values the datasets own (model.vocab_size, data.seq_len), after checking that
+    every dataset (several in a mixture: one tokenizer, one seq_len) can feed this run. A new config:
+    the one passed in is not changed."""
     meta = check_compatible(folders)
     for folder in folders:
         check_dataset(cfg, folder, global_batch)
-    return meta
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, vocab_size=meta["vocab_size"]),
+        data=dataclasses.replace(cfg.data, seq_len=meta["seq_len"]),
+    )
 
 
 def check_dataset(cfg: RunConfig, folder: Path, global_batch: int) -> dict:
-    """The dataset owns vocab size and block length: derive them (a stated value must agree),
-    and check that it can feed this run."""
+    """The dataset owns vocab size and block length: a stated value must agree with it; and it must
+    be able to feed this run. Returns its metadata."""
     meta = read_metadata(folder)
     m, d, t, stated = cfg.model, cfg.data, cfg.train, cfg.stated
     if "model.vocab_size" in stated and meta["vocab_size"] != m.vocab_size:
@@ -63,8 +67,6 @@ def check_dataset(cfg: RunConfig, folder: Path, global_batch: int) -> dict:
             f"{meta['seq_len']}; shorter blocks are cut from prepared ones, longer ones need a new "
             "prepare"
         )
-    cfg.model = dataclasses.replace(m, vocab_size=meta["vocab_size"])
-    cfg.data = dataclasses.replace(d, seq_len=meta["seq_len"])
     train_blocks = meta["splits"]["train"]["num_blocks"]
     if train_blocks < global_batch:
         raise DatasetError(
@@ -81,12 +83,12 @@ def check_dataset(cfg: RunConfig, folder: Path, global_batch: int) -> dict:
     return meta
 
 
-def resolve_dataset(cfg: RunConfig) -> Path:
-    """The first dataset's folder (its tokenizer is the run's); the built-in corpus is prepared
+def dataset_folders(cfg: RunConfig) -> list[Path]:
+    """The datasets' folders (the first's tokenizer is the run's); the built-in corpus is prepared
     (once, cached) by rank 0, which tells every rank whether it worked."""
     d = cfg.data
     if d.dataset != "builtin":
-        return d.folders[0]
+        return d.folders
 
     def build():
         progress = cfg.train.progress_bar
@@ -94,7 +96,7 @@ def resolve_dataset(cfg: RunConfig) -> Path:
 
     rank0_does(build, DatasetError)
     barrier()
-    return builtin_dataset_dir(d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len)
+    return [builtin_dataset_dir(d.cache_dir, d.tokenizer, d.vocab_size, d.seq_len)]
 
 
 @dataclasses.dataclass
@@ -106,17 +108,14 @@ class Data:
     valid: MLMCollator  # fixed masks (seed + 1) at the fixed data.mlm_probability
 
 
-def build_data(cfg: RunConfig, global_batch: int, resume_from: Path | None) -> Data:
-    folder = resolve_dataset(cfg)
-    folders = cfg.data.folders if cfg.data.dataset != "builtin" else [folder]
-    meta = check_datasets(cfg, folders, global_batch)
-    if resume_from is not None:  # the built-in corpus's vocab/seq_len are only known now
-        check_resume_model(resume_from, dataclasses.asdict(cfg.model))
+def build_data(cfg: RunConfig, folders: list[Path], global_batch: int) -> Data:
+    """The datasets of `cfg`, resolved by with_datasets (its seq_len is theirs)."""
     d, seed = cfg.data, cfg.train.seed
+    folder = folders[0]
     train_set, order = open_train(folders, d.weights, d.seq_len_schedule, global_batch, seed)
     return Data(
         folder=folder,
-        seq_len=meta["seq_len"],
+        seq_len=d.seq_len,
         train=MaskedBlocks.from_config(train_set, folder, d, seed, global_batch),
         order=order,
         valid=MLMCollator.from_config(open_valid(folders), folder, d, seed + 1),

@@ -32,9 +32,10 @@ from roberta_ds.training.builders import (
     build_data,
     build_loader,
     build_model,
-    check_datasets,
     copy_tokenizer,
+    dataset_folders,
     for_world,
+    with_datasets,
 )
 from roberta_ds.training.distributed import (
     all_agree,
@@ -113,7 +114,13 @@ class Trainer:
         self.global_batch = ds_cfg["train_batch_size"]
         self.micro_batch = ds_cfg["train_micro_batch_size_per_gpu"]
         self.accum = ds_cfg["gradient_accumulation_steps"]
-        self.data = build_data(cfg, self.global_batch, self.resume_from)
+        folders = dataset_folders(self.cfg)  # the built-in corpus is prepared now, by rank 0
+        if self.cfg.data.dataset == "builtin":  # its vocab and length are only known now
+            self.cfg = with_datasets(self.cfg, folders, self.global_batch)
+            if self.resume_from is not None:
+                check_resume_model(self.resume_from, dataclasses.asdict(self.cfg.model))
+        cfg = self.cfg  # resolved: from here on, no value changes
+        self.data = build_data(cfg, folders, self.global_batch)
         self._build_engine(ds_cfg)
         self.step, self.samples, self.tokens, self.nonfinite = 0, 0, 0, 0
         if self.resume_from is not None:
@@ -140,8 +147,8 @@ class Trainer:
         self.run_dir = Path(self.cfg.train.run_dir)
         world = expected_world_size()
         ds_cfg = ds_config.for_engine(ds_raw, world, self.run_dir)
-        if self.cfg.data.dataset != "builtin":  # derives model.vocab_size and data.seq_len
-            check_datasets(self.cfg, self.cfg.data.folders, ds_cfg["train_batch_size"])
+        if self.cfg.data.dataset != "builtin":  # the datasets own model.vocab_size and data.seq_len
+            self.cfg = with_datasets(self.cfg, self.cfg.data.folders, ds_cfg["train_batch_size"])
         if expected_rank() == 0:  # held until the process exits; the OS releases it on any death
             self._lock = run_dir_lock(self.run_dir)
         check_run_dir(self.cfg, self.run_dir)
@@ -277,15 +284,7 @@ class Trainer:
         t_last, tokens_last, flops_last = time.perf_counter(), 0, 0.0
         while self.step < t.max_steps:
             if all_agree(stop.requested()):
-                self._log(f"stopping at step {self.step}: {stop.reason or 'another rank was asked to'}")
-                self.save()
-                if self.rank == 0:  # read by slurm/common.sh: requeue even if srun reports a kill
-                    (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
-                # The verdict now, before the loggers close (W&B's can take seconds): a launcher may
-                # kill the ranks soon after its signal (mpirun: 1 s, odls_base_sigkill_timeout).
-                exit_status.record(EXIT_PREEMPTED, stopped_message(self.step), self.run_dir)
-                self.metrics.close()
-                return EXIT_PREEMPTED
+                return self._stop()
             torch.manual_seed(dropout_seed(t.seed, self.step, self.rank))
             lr = self.sched.get_last_lr()[0]  # this step's; the scheduler moves on inside engine.step()
             seq = seq_len_at(self.cfg.data.seq_len_schedule, self.step, self.data.seq_len)  # the sampler's
@@ -307,15 +306,7 @@ class Trainer:
                 self._log_step(loss, lr, tokens_last / dt, flops_last / dt, bar)
                 t_last, tokens_last, flops_last = time.perf_counter(), 0, 0.0
             if self.nonfinite >= t.max_nonfinite_steps:
-                # Saved aside for inspection: `latest` stays on the last good checkpoint and nothing
-                # is pruned, since the updates may not have been skipped (bf16 is not overflow-checked).
-                aside = self.save(tag=f"nonfinite_{checkpoint.tag_for(self.step)}", make_latest=False)
-                self._log(
-                    f"stopping: {self.nonfinite} consecutive non-finite losses at step {self.step}; "
-                    f"weights saved aside in {aside}, latest unchanged"
-                )
-                self.metrics.close()  # the last rows reach TensorBoard/W&B and the plot
-                return EXIT_NONFINITE
+                return self._stop_nonfinite()
             if t.eval_every and self.step % t.eval_every == 0:
                 self.evaluate()
             # never a periodic checkpoint (nor `latest`) on a non-finite loss
@@ -332,6 +323,31 @@ class Trainer:
         self.save()
         self.metrics.close()
         return 0
+
+    def _stop(self) -> int:
+        """A stop asked for (a signal, the time limit, a launcher gone) that every rank agreed on:
+        checkpoint, PREEMPTED, the verdict; returns EXIT_PREEMPTED."""
+        self._log(f"stopping at step {self.step}: {self.stop.reason or 'another rank was asked to'}")
+        self.save()
+        if self.rank == 0:  # read by slurm/common.sh: requeue even if srun reports a kill
+            (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step}) + "\n")
+        # The verdict now, before the loggers close (W&B's can take seconds): a launcher may kill
+        # the ranks soon after its signal (mpirun: 1 s, odls_base_sigkill_timeout).
+        exit_status.record(EXIT_PREEMPTED, stopped_message(self.step), self.run_dir)
+        self.metrics.close()
+        return EXIT_PREEMPTED
+
+    def _stop_nonfinite(self) -> int:
+        """Too many non-finite losses in a row: the weights are saved aside for inspection; `latest`
+        stays on the last good checkpoint and nothing is pruned, since the updates may not have been
+        skipped (bf16 is not overflow-checked). Returns EXIT_NONFINITE."""
+        aside = self.save(tag=f"nonfinite_{checkpoint.tag_for(self.step)}", make_latest=False)
+        self._log(
+            f"stopping: {self.nonfinite} consecutive non-finite losses at step {self.step}; "
+            f"weights saved aside in {aside}, latest unchanged"
+        )
+        self.metrics.close()  # the last rows reach TensorBoard/W&B and the plot
+        return EXIT_NONFINITE
 
     def _log_step(self, loss: float, lr: float, tokens_per_s: float, flops_per_s: float, bar) -> None:
         gn = self.engine.get_global_grad_norm()

@@ -232,3 +232,27 @@ def test_train_py_runs_on_a_many_task_dataset(corpus, one_worker, tmp_path):
     res = launch("python", 1, cfg, write_ds(tmp_path / "ds.json"), timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert sorted(losses(tmp_path / "run")) == list(range(1, 7))
+
+
+def test_a_lock_of_a_dead_zombie_or_reused_pid_is_stale_and_a_live_ones_is_not(tmp_path):
+    """The holder of a task lock is dead when its process is gone, is a zombie (a SIGKILLed worker
+    not yet reaped: a rerun started at once used to wait for it, then ran its task alone at the end),
+    or its pid now names a process started at another time."""
+    from roberta_ds.data import tasks as T
+
+    lock = tmp_path / "task_00000.tokenize.lock"
+    assert T.claim(lock) and not T.is_stale(lock)  # ours, alive
+    host, pid, start = lock.read_text().split()
+    assert (host, int(pid)) == (T.HOST, os.getpid())
+    lock.write_text(f"{T.HOST} {os.getpid()} {int(start) + 1}")
+    assert T.is_stale(lock)  # the pid is ours, but the process that wrote the lock started earlier
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while (T._proc_stat(child.pid) or ["?"])[0] != "Z" and time.time() < deadline:
+        time.sleep(0.05)  # exited, not reaped: a zombie
+    lock.write_text(f"{T.HOST} {child.pid} {T._started(child.pid)}")
+    assert T.is_stale(lock)
+    child.wait()
+    assert T.is_stale(lock)  # reaped: gone
+    lock.write_text(f"{T.HOST} {os.getpid()}")  # a lock written before start times were recorded
+    assert not T.is_stale(lock)

@@ -1,5 +1,6 @@
 """Every kernel compiles for sm_90 (H100/H200) at the launch configurations it uses, on this CPU
-machine: GPU-only failures (tl.dot shapes, shared memory over 227 KB) fail CI without a GPU."""
+machine: GPU-only failures (tl.dot shapes, shared memory over kernels/sm90.py's limit) fail CI
+without a GPU."""
 
 import os
 import subprocess
