@@ -325,6 +325,14 @@ def rss_only(corpus: Path, args, n: int, work: Path) -> int:
         f"{row['tokens_per_s']:,.0f} tokens/s, peak RSS per process {row['peak_rss_gb_per_process']:.3f} GB"
     )
     append_csv(args.csv, [row])
+    cols = ["method", "corpus_mb", "tasks", "seconds", "tokens_per_s", "peak_rss_gb_per_process"]
+    Path(args.csv).with_suffix(".md").write_text(
+        f"Measured {info['date']} on {info['device']}, torch {info['torch']}, commit {info['commit']}; "
+        f"corpus {corpus.name}, tokenizer {args.tokenizer}, seq_len {args.seq_len}\n\n"
+        + "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+        + "| " + " | ".join(_cell(row.get(c)) for c in cols) + " |\n"
+    )  # fmt: skip
+    doc_tables.sync()
     return 0
 
 
