@@ -1,5 +1,5 @@
-"""Tooling around the ops in `kernels/`, kept apart from them: it may import `kernels` and
-`roberta_ds`, and neither imports it (kernels <- roberta_ds <- kernel_tools).
+"""Tooling around the ops in `roberta_kernels/`, kept apart from them: it may import `roberta_kernels` and
+`roberta_ds`, and neither imports it (roberta_kernels <- roberta_ds <- kernel_tools).
 
 - bench: each fused kernel against torch eager, torch.compile and the SDPA backends (GPU; --smoke on CPU)
 - compile_check: every kernel compiled for sm_90 at its launch configurations, without a GPU
@@ -8,5 +8,5 @@
   perf_calibrate (measured against modelled per kernel, CUDA only)
 
 Each command-line tool runs as `python -m kernel_tools.<name>`. The sm_90 facts they check and
-model against live in kernels/sm90.py.
+model against live in roberta_kernels/sm90.py.
 """

@@ -62,7 +62,7 @@ def _modes(fwd: Callable, inputs: list[torch.Tensor]) -> dict[str, Callable]:
 
 
 def attention_cases(B, S, H, D, dtype, device, pad_frac):
-    from kernels import attention_qkvpacked, attention_ref
+    from roberta_kernels import attention_qkvpacked, attention_ref
 
     qkv = torch.randn(B, S, 3, H, D, device=device, dtype=dtype, requires_grad=True)
     kpm = torch.ones(B, S, dtype=torch.bool, device=device)
@@ -108,7 +108,7 @@ def _attention_tuning(cases, qkv, D, dtype, device):
     backward of each Triton case tunes it before the timed runs)."""
     import importlib
 
-    A = importlib.import_module("kernels.attention")
+    A = importlib.import_module("roberta_kernels.attention")
     tiles = lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"  # noqa: E731
     for name in ("triton", "triton-dropout0.1"):
         dropout = name != "triton"
@@ -126,7 +126,7 @@ def _attention_tuning(cases, qkv, D, dtype, device):
 
 
 def layer_norm_cases(M, N, dtype, device):
-    from kernels import layer_norm, layer_norm_ref
+    from roberta_kernels import layer_norm, layer_norm_ref
 
     x, r = (torch.randn(M, N, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
     w, b = (torch.randn(N, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -144,7 +144,7 @@ def layer_norm_cases(M, N, dtype, device):
 
 
 def bias_gelu_cases(M, N, dtype, device):
-    from kernels import bias_gelu, bias_gelu_ref
+    from roberta_kernels import bias_gelu, bias_gelu_ref
 
     x = torch.randn(M, N, device=device, dtype=dtype, requires_grad=True)
     b = torch.randn(N, device=device, dtype=dtype, requires_grad=True)
@@ -160,7 +160,7 @@ def bias_gelu_cases(M, N, dtype, device):
 
 
 def cross_entropy_cases(N, V, dtype, device):
-    from kernels import cross_entropy, cross_entropy_ref
+    from roberta_kernels import cross_entropy, cross_entropy_ref
 
     logits = torch.randn(N, V, device=device, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, V, (N,), device=device)
@@ -176,7 +176,7 @@ def cross_entropy_cases(N, V, dtype, device):
 
 
 def linear_cross_entropy_cases(N, D, V, dtype, device):
-    from kernels import linear_cross_entropy, linear_cross_entropy_ref
+    from roberta_kernels import linear_cross_entropy, linear_cross_entropy_ref
 
     h = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)
     w = (0.02 * torch.randn(V, D, device=device, dtype=dtype)).requires_grad_()

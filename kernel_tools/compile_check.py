@@ -2,8 +2,8 @@
 
 Builds each kernel at the block sizes and warps its launcher uses, for every dtype it supports,
 with Triton's CUDA backend targeting sm_90, and fails on what would only fail on the GPU: tl.dot
-shapes, layouts, shared memory over kernels.sm90.SHARED_BYTES_PER_CTA. Must run without TRITON_INTERPRET (tests run it in a
-subprocess).
+shapes, layouts, shared memory over roberta_kernels.sm90.SHARED_BYTES_PER_CTA. Must run without
+TRITON_INTERPRET (tests run it in a subprocess).
 """
 
 import importlib
@@ -15,11 +15,12 @@ import triton
 from triton.compiler import ASTSource
 
 from kernel_tools.trace import SM90
-from kernels import sm90
+from roberta_kernels import sm90
 
-# kernels/__init__ re-exports functions under the module names, so take the modules themselves
+# roberta_kernels/__init__ re-exports functions under the module names, so take the modules themselves
 A, G, C, L = (
-    importlib.import_module(f"kernels.{m}") for m in ("attention", "bias_gelu", "cross_entropy", "layer_norm")
+    importlib.import_module(f"roberta_kernels.{m}")
+    for m in ("attention", "bias_gelu", "cross_entropy", "layer_norm")
 )
 
 TYPES = {
@@ -164,7 +165,7 @@ def pointwise_sm90():
         },
         4,
     )
-    LCE = importlib.import_module("kernels.linear_cross_entropy")
+    LCE = importlib.import_module("roberta_kernels.linear_cross_entropy")
     va = 50240  # the fused head: V = 50265 as 50240 aligned columns + a contiguous tail of 25
     for stats, grad, tail, v_load in (
         (True, True, dt, va),

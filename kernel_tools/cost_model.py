@@ -14,7 +14,7 @@ Per launch:  time = max(tensor-core FLOPs / TC_PEAK_FLOPS, DRAM bytes / HBM_BYTE
 - cuBLAS GEMMs (aten mm/addmm/bmm): 2*M*N*K FLOPs at the measured GEMM rate; bytes = operands.
 - Other aten ops (the glue between kernels): inputs + outputs bytes at HBM bandwidth. View ops and
   allocations cost nothing and launch nothing.
-Constants: the H100 figures of kernels/sm90.py (datasheet, and what was measured on an H100 of this
+Constants: the H100 figures of roberta_kernels/sm90.py (datasheet, and what was measured on an H100 of this
 workplace where it exists; the measured matmul rate is the tensor-core roof for cuBLAS and Triton
 alike); ISSUE_RATE = SMs x schedulers x clock. The launch gap (LAUNCH_S, between dependent kernels)
 is an estimate.
@@ -33,7 +33,7 @@ import torch
 
 from kernel_tools.sass import KernelBinary
 from kernel_tools.trace import TensorSpec, TorchOp, TritonLaunch
-from kernels import sm90
+from roberta_kernels import sm90
 
 ISSUE_RATE = sm90.SM_COUNT * sm90.SCHEDULERS_PER_SM * sm90.CLOCK_HZ  # warp-instructions per second
 LAUNCH_S = 2e-6

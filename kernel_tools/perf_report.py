@@ -35,12 +35,12 @@ import triton
 
 from kernel_tools import cost_model, sass, trace
 from kernel_tools.perf_calibrate import calibrate
-from kernels import sm90
 from roberta_ds.benchmarks.common import git_commit
 from roberta_ds.config import model_preset
 from roberta_ds.data.masking import max_masked
 from roberta_ds.model import RobertaMLM
 from roberta_ds.model.roberta import flops_per_token
+from roberta_kernels import sm90
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_COLUMNS = [
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     trace.check_not_interpreted()
-    commit = git_commit(("kernels", "kernel_tools"))  # what the report depends on
+    commit = git_commit(("roberta_kernels", "kernel_tools"))  # what the report depends on
     baseline = read_csv(args.baseline)
     rows, summaries = [], []
     steps = configs(args.ds_config, args.presets, args.seq_lens)

@@ -12,7 +12,7 @@ registers, stack and shared memory; `-sass` for the instructions), so it needs n
 - Spill bytes are the static widths of local-memory stores and loads (`STL`/`LDL`), which is what
   `ptxas -v` reports as spill stores/loads.
 - Tensor cores: `HGMMA` (Hopper warpgroup MMA, `wgmma`), `HMMA` (`mma.sync`); TMA: `UTMALDG`/`UTMASTG`.
-- Occupancy (CTAs per SM) from the sm_90 limits of kernels/sm90.py: registers (allocated per warp
+- Occupancy (CTAs per SM) from the sm_90 limits of roberta_kernels/sm90.py: registers (allocated per warp
   in units of REG_ALLOC_UNIT), shared memory (each CTA's count includes the block that sm_90
   reserves per CTA, which cuobjdump reports as static shared memory), warps and CTAs per SM.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from triton import knobs
 
-from kernels import sm90
+from roberta_kernels import sm90
 
 _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRA = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+(?:`\()?(0x[0-9a-f]+)")

@@ -11,8 +11,8 @@ Meta tensors report `data_ptr() = storage_offset * itemsize`, i.e. a view's alig
 base allocation were 16-byte aligned, which CUDA's caching allocator guarantees (512 B).
 Data-dependent ops cannot run on meta tensors: `nonzero` is answered with `nonzero_fraction` of the
 elements (the masked-token gather: 15%), and anything else data-dependent raises.
-Launchers that size their grids by the device (SM count) ask `kernels._utils.sm_count`, which
-answers the traced target's count (kernels.sm90.SM_COUNT) while tracing.
+Launchers that size their grids by the device (SM count) ask `roberta_kernels._utils.sm_count`, which
+answers the traced target's count (roberta_kernels.sm90.SM_COUNT) while tracing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver as triton_driver
 from triton.runtime.jit import JITFunction
 
-from kernels import _utils, sm90
+from roberta_kernels import _utils, sm90
 
 SM90 = GPUTarget("cuda", sm90.COMPUTE_CAPABILITY, sm90.WARP_SIZE)
 

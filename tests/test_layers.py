@@ -1,13 +1,13 @@
 """The import layering, read from the source with `ast` (every import, function-level ones and
-importlib.import_module("...") included): kernels (the ops) <- roberta_ds (the application) <-
+importlib.import_module("...") included): roberta_kernels (the ops) <- roberta_ds (the application) <-
 kernel_tools (the tooling, which may import both); no arrow the other way and no import cycle."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kernels", "roberta_ds", "kernel_tools")
-FORBIDDEN = {"kernels": ("roberta_ds", "kernel_tools"), "roberta_ds": ("kernel_tools",)}
+PACKAGES = ("roberta_kernels", "roberta_ds", "kernel_tools")
+FORBIDDEN = {"roberta_kernels": ("roberta_ds", "kernel_tools"), "roberta_ds": ("kernel_tools",)}
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -95,7 +95,8 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 def test_every_package_is_layered():
     graph = import_graph(ROOT)
     assert {m.split(".")[0] for m in graph} == set(PACKAGES)
-    assert any(t.startswith("kernels") for t in graph["roberta_ds.model.ops"])  # the graph sees imports
+    ops_imports = graph["roberta_ds.model.ops"]
+    assert any(t.startswith("roberta_kernels") for t in ops_imports)  # the graph sees imports
     assert upward_imports(graph) == []
 
 
@@ -105,8 +106,8 @@ def test_no_import_cycle():
 
 def test_the_checks_fail_on_planted_bad_imports(tmp_path):
     files = {
-        "kernels/__init__.py": "from kernels.ops import f\n",
-        "kernels/ops.py": "def f():\n    from roberta_ds import app  # function-level, still an arrow\n",
+        "roberta_kernels/__init__.py": "from roberta_kernels.ops import f\n",
+        "roberta_kernels/ops.py": "def f():\n    from roberta_ds import app  # function-level: an arrow\n",
         "roberta_ds/__init__.py": "",
         "roberta_ds/app.py": "import importlib\nT = importlib.import_module('kernel_tools.report')\n",
         "kernel_tools/__init__.py": "",
@@ -118,7 +119,7 @@ def test_the_checks_fail_on_planted_bad_imports(tmp_path):
         (tmp_path / name).write_text(text)
     graph = import_graph(tmp_path)
     assert upward_imports(graph) == [
-        "kernels.ops imports roberta_ds.app",
         "roberta_ds.app imports kernel_tools.report",
+        "roberta_kernels.ops imports roberta_ds.app",
     ]
     assert find_cycle(graph) == ["kernel_tools.calibrate", "kernel_tools.report", "kernel_tools.calibrate"]

@@ -1,4 +1,4 @@
-"""The narrow interface between the model and kernels/: four hot ops, one backend switch.
+"""The narrow interface between the model and roberta_kernels/: four hot ops, one backend switch.
 
 `resolve_ops('auto'|'torch'|'triton', device)` returns the functions the model calls. 'auto' picks
 Triton on CUDA and the PyTorch references elsewhere; asking for Triton where it cannot run is an
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import roberta_kernels
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
         return True, ""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, ""
-    if device.type == "meta" and kernels.tracing():  # kernel_tools.perf_report: launches compiled, not run
+    if device.type == "meta" and roberta_kernels.tracing():  # kernel_tools.perf_report: compiled, not run
         return True, ""
     return False, (
         f"kernels='triton' needs a CUDA device (the model is on {device}); set TRITON_INTERPRET=1 "
@@ -48,10 +48,10 @@ def resolve_ops(backend: str, device: torch.device) -> Ops:
     if backend == "torch":
         return Ops(
             "torch",
-            attention=kernels.attention_qkvpacked_ref,
+            attention=roberta_kernels.attention_qkvpacked_ref,
             layer_norm=_layer_norm_ref_training,
-            bias_gelu=kernels.bias_gelu_ref,
-            linear_cross_entropy=kernels.linear_cross_entropy_ref,
+            bias_gelu=roberta_kernels.bias_gelu_ref,
+            linear_cross_entropy=roberta_kernels.linear_cross_entropy_ref,
         )
     if backend == "triton":
         ok, why = triton_usable(device)
@@ -59,14 +59,14 @@ def resolve_ops(backend: str, device: torch.device) -> Ops:
             raise RuntimeError(why)
         return Ops(
             "triton",
-            attention=kernels.attention_qkvpacked,
-            layer_norm=kernels.layer_norm,
-            bias_gelu=kernels.bias_gelu,
-            linear_cross_entropy=kernels.linear_cross_entropy,
+            attention=roberta_kernels.attention_qkvpacked,
+            layer_norm=roberta_kernels.layer_norm,
+            bias_gelu=roberta_kernels.bias_gelu,
+            linear_cross_entropy=roberta_kernels.linear_cross_entropy,
         )
     raise ValueError(f"unknown kernels backend {backend!r}; choose 'auto', 'torch' or 'triton'")
 
 
 def _layer_norm_ref_training(x, weight, bias, eps=1e-5, residual=None, dropout_p=0.0):
     # The model passes dropout_p=0 in eval mode, so the reference always applies what it is given.
-    return kernels.layer_norm_ref(x, weight, bias, eps, residual, dropout_p, training=True)
+    return roberta_kernels.layer_norm_ref(x, weight, bias, eps, residual, dropout_p, training=True)

@@ -8,7 +8,7 @@ torch.utils.checkpoint(use_reentrant=False): the forward keeps only the layer's 
 the backward runs the layer again to rebuild what its ops saved. Why torch's and not
 deepspeed.checkpointing:
 - Dropout masks: the Triton kernels draw one seed per call from torch's CPU generator
-  (kernels/_utils.new_seed) and the reference path draws from the device generator; torch's
+  (roberta_kernels/_utils.new_seed) and the reference path draws from the device generator; torch's
   preserve_rng_state restores both (CPU always, CUDA for the inputs' devices) before the recompute,
   so it draws the same seeds and masks, and the original graph's ctx.seed agrees with the recomputed
   saved tensors (tests/model/test_activation_checkpointing.py: loss and every gradient equal).

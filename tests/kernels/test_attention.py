@@ -3,11 +3,11 @@ import importlib
 import pytest
 import torch
 
-from kernels import attention, attention_ref
-from kernels.attention import attention_dropout_keep, attention_dropout_rate, attention_qkvpacked
+from roberta_kernels import attention, attention_ref
+from roberta_kernels.attention import attention_dropout_keep, attention_dropout_rate, attention_qkvpacked
 from tests.kernels.conftest import ATOL, DEVICE, DTYPES, check_close
 
-A = importlib.import_module("kernels.attention")  # the module (kernels.attention is also the function)
+A = importlib.import_module("roberta_kernels.attention")  # the module (also the name of a function)
 
 CASES = [  # (B, S, H, D, lengths): ragged lengths, a row with one real token, S not a block multiple
     (2, 77, 2, 64, [77, 1]),
@@ -90,7 +90,7 @@ FEW_KEYS = [(64, [64, 1]), (200, [200, 1]), (200, [1, 200]), (200, [2, 131]), (2
 def test_few_real_keys_within_twice_torch_error(S, lengths, dtype):
     """Issue 19: a sequence with one real key had fp32 dK 8-15x torch's error (dQ 4x): with P = 1,
     dS = P (dP - delta) kept the rounding remainder of dP - rowsum(dO * O), and S queries summed it
-    into that key's dK (kernels/attention_kernels.py). The plain rule with a tenth of ATOL, as
+    into that key's dK (roberta_kernels/attention_kernels.py). The plain rule with a tenth of ATOL, as
     ATOL (1e-5 in fp32) is above that remainder (3e-6..7e-6 at S = 200)."""
     out = run_all(2, S, 2, 64, dtype, kpm=padding_mask(2, S, lengths))
     check_outputs(out, ATOL[dtype] / 10, ATOL[dtype] / 10)

@@ -24,7 +24,7 @@ def compile_space() -> list[dict]:
     from kernel_tools import perf_report, sass, trace
 
     trace.check_not_interpreted()
-    A = importlib.import_module("kernels.attention")
+    A = importlib.import_module("roberta_kernels.attention")
     rows = []
     dtype = torch.bfloat16  # fp16 shares the space (same tiles and sizes); fp32 is not tuned
     for kernel, jit_fn in A.KERNELS.items():
@@ -77,7 +77,7 @@ def test_every_autotune_config_compiles_for_sm90_without_spills():
     )
     assert res.returncode == 0, res.stderr[-4000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    A = importlib.import_module("kernels.attention")
+    A = importlib.import_module("roberta_kernels.attention")
     expected = sum(
         len(A.autotune_space(k, D, torch.bfloat16, p))
         for k in A.KERNELS

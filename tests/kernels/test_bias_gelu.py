@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import bias_gelu, bias_gelu_ref
+from roberta_kernels import bias_gelu, bias_gelu_ref
 from tests.kernels.conftest import ATOL, DEVICE, DTYPES, check_close
 
 SHAPES = [(1, 1, 8), (2, 7, 1000), (3, 64, 3072), (5, 257), (100, 64)]  # (100, 64): 7 runs of rows

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import cross_entropy, cross_entropy_ref
+from roberta_kernels import cross_entropy, cross_entropy_ref
 from tests.kernels.conftest import ATOL, DEVICE, DTYPES, check_close
 
 

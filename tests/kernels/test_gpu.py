@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import roberta_ds
-from kernels import (
+from roberta_kernels import (
     attention_qkvpacked,
     attention_ref,
     layer_norm,
@@ -13,8 +13,8 @@ from kernels import (
     linear_cross_entropy,
     linear_cross_entropy_ref,
 )
-from kernels.attention import attention_dropout_keep, attention_dropout_rate
-from kernels.layer_norm import layer_norm_dropout_keep
+from roberta_kernels.attention import attention_dropout_keep, attention_dropout_rate
+from roberta_kernels.layer_norm import layer_norm_dropout_keep
 from tests.kernels.conftest import check_close
 
 pytestmark = pytest.mark.gpu

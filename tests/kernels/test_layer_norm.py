@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import layer_norm, layer_norm_ref
-from kernels.layer_norm import layer_norm_dropout_keep
+from roberta_kernels import layer_norm, layer_norm_ref
+from roberta_kernels.layer_norm import layer_norm_dropout_keep
 from tests.kernels.conftest import ATOL, DEVICE, DTYPES, check_close
 
 SHAPES = [(1, 1, 768), (2, 33, 1000), (4, 16, 1024), (3, 5, 100), (9, 17)]

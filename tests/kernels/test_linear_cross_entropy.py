@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import linear_cross_entropy, linear_cross_entropy_ref
+from roberta_kernels import linear_cross_entropy, linear_cross_entropy_ref
 from tests.kernels.conftest import ATOL, DEVICE, DTYPES, check_close
 
 

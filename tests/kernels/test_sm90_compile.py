@@ -1,5 +1,5 @@
 """Every kernel compiles for sm_90 (H100/H200) at the launch configurations it uses, on this CPU
-machine: GPU-only failures (tl.dot shapes, shared memory over kernels/sm90.py's limit) fail CI
+machine: GPU-only failures (tl.dot shapes, shared memory over roberta_kernels/sm90.py's limit) fail CI
 without a GPU."""
 
 import os

@@ -10,8 +10,8 @@ import torch
 import yaml
 
 import roberta_ds
-from kernels._utils import new_seed
 from roberta_ds.config import ConfigError, load_run_config
+from roberta_kernels._utils import new_seed
 from tests.kernels.conftest import DEVICE
 from tests.model.test_triton_path import batch
 
@@ -42,14 +42,14 @@ def loss_and_grads(model, inputs, seed: int):
 
 
 def record_seeds(monkeypatch) -> list[int]:
-    """Every dropout seed the Triton kernels draw (kernels/_utils.new_seed, torch's CPU generator)."""
+    """Every dropout seed the Triton kernels draw (roberta_kernels/_utils.new_seed, torch's CPU generator)."""
     seeds = []
 
     def recording():
         seeds.append(new_seed())
         return seeds[-1]
 
-    for module in ("kernels.attention", "kernels.layer_norm"):  # modules, not kernels' functions
+    for module in ("roberta_kernels.attention", "roberta_kernels.layer_norm"):  # modules, not functions
         monkeypatch.setattr(importlib.import_module(module), "new_seed", recording)
     return seeds
 

@@ -1,4 +1,4 @@
-"""The @triton.jit kernels of kernels.attention (launchers, autograd, reference: kernels/attention.py).
+"""The @triton.jit kernels of roberta_kernels.attention (launchers, autograd, reference: roberta_kernels/attention.py).
 
 Algorithm: FlashAttention-2 (Dao 2023, Algorithms 1 and 2), laid out as Triton's fused-attention
 tutorial (06). Forward: a program owns BLOCK_M queries of one (batch, head), streams K/V in BLOCK_N
@@ -31,7 +31,7 @@ regenerates the mask and resume is exact. The rate applied is dropout_p rounded 
 Limits: head_dim in {16, 32, 64, 128}; (B, S, H, D) operands with the last dim contiguous, any other
 strides; fp16/bf16 (fp32 accumulation) and fp32 (IEEE dot products). The tiles (BLOCK_M queries,
 BLOCK_N keys, warps, stages) are chosen by the launchers: one fixed config per kernel and head dim, or
-an autotuned one on CUDA (kernels.attention.autotune_space). Dropout needs BLOCK_N a multiple of 16.
+an autotuned one on CUDA (roberta_kernels.attention.autotune_space). Dropout needs BLOCK_N a multiple of 16.
 """
 
 import triton

@@ -11,12 +11,12 @@
 Kernels run on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (set before importing this package).
 """
 
-from kernels._utils import tracing
-from kernels.attention import attention, attention_qkvpacked, attention_qkvpacked_ref, attention_ref
-from kernels.bias_gelu import bias_gelu, bias_gelu_ref
-from kernels.cross_entropy import cross_entropy, cross_entropy_ref
-from kernels.layer_norm import layer_norm, layer_norm_ref
-from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from roberta_kernels._utils import tracing
+from roberta_kernels.attention import attention, attention_qkvpacked, attention_qkvpacked_ref, attention_ref
+from roberta_kernels.bias_gelu import bias_gelu, bias_gelu_ref
+from roberta_kernels.cross_entropy import cross_entropy, cross_entropy_ref
+from roberta_kernels.layer_norm import layer_norm, layer_norm_ref
+from roberta_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 __all__ = [
     "attention",

@@ -35,14 +35,16 @@ def check_runnable(name: str, *tensors: torch.Tensor) -> None:
         if t.device.type == "meta" and tracing():  # kernel_tools.trace: compiled for sm_90, never run
             continue
         raise RuntimeError(
-            f"kernels.{name}: got a tensor on {t.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1 "
-            f"set before import, for CPU tests). Use kernels.{name}_ref for the PyTorch path."
+            f"roberta_kernels.{name}: got a tensor on {t.device}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1 "
+            f"set before import, for CPU tests). Use roberta_kernels.{name}_ref for the PyTorch path."
         )
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32)) -> None:
     if t.dtype not in allowed:
-        raise TypeError(f"kernels.{name}: dtype {t.dtype} is not supported (use one of {list(allowed)})")
+        raise TypeError(
+            f"roberta_kernels.{name}: dtype {t.dtype} is not supported (use one of {list(allowed)})"
+        )
 
 
 def new_seed() -> int:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._utils import check_dtype, check_runnable
+from roberta_kernels._utils import check_dtype, check_runnable
 
 
 @triton.jit
@@ -168,11 +168,13 @@ def check_labels(ok: torch.Tensor, labels: torch.Tensor, V: int, ignore_index: i
         if not ok.item():
             bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= V))]
             raise IndexError(
-                f"kernels.{name}: target {bad[0].item()} is out of bounds for {V} classes "
+                f"roberta_kernels.{name}: target {bad[0].item()} is out of bounds for {V} classes "
                 f"(labels must be in [0, {V}) or ignore_index={ignore_index})"
             )
     elif ok.device.type == "cuda":
-        torch._assert_async(ok.bool().view(()), f"kernels.{name}: a label is out of bounds for {V} classes")
+        torch._assert_async(
+            ok.bool().view(()), f"roberta_kernels.{name}: a label is out of bounds for {V} classes"
+        )
 
 
 def cross_entropy_fwd(logits, labels, ignore_index):
@@ -180,7 +182,7 @@ def cross_entropy_fwd(logits, labels, ignore_index):
     check_dtype("cross_entropy", logits)
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(
-            f"kernels.cross_entropy: logits (N, V) and labels (N,) expected, got "
+            f"roberta_kernels.cross_entropy: logits (N, V) and labels (N,) expected, got "
             f"{tuple(logits.shape)} and {tuple(labels.shape)}"
         )
     if logits.stride(-1) != 1:

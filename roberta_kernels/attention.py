@@ -3,7 +3,7 @@ launchers, autograd Function, public functions and the PyTorch reference `attent
 
 Algorithm: FlashAttention-2 (Dao 2023, Algorithms 1 and 2) as Triton's fused-attention tutorial (06)
 lays it out; the kernels and the full description (masks, block skipping, Philox dropout) are in
-kernels/attention_kernels.py. Forward `_attn_fwd_kernel`; backward `_attn_bwd_dq_kernel` (dQ and
+roberta_kernels/attention_kernels.py. Forward `_attn_fwd_kernel`; backward `_attn_bwd_dq_kernel` (dQ and
 delta = rowsum(dO * O)) then `_attn_bwd_dkdv_kernel` (dK, dV on S^T = K Q^T), no atomics, written
 straight into one (B, S, 3, H, D) gradient.
 Tiles: on CUDA each kernel is autotuned (triton.autotune, keyed on seq len, head dim, the masks,
@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels import sm90
-from kernels._utils import check_dtype, check_runnable, new_seed, tracing
-from kernels.attention_kernels import (
+from roberta_kernels import sm90
+from roberta_kernels._utils import check_dtype, check_runnable, new_seed, tracing
+from roberta_kernels.attention_kernels import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
     _attn_fwd_kernel,
@@ -196,27 +196,27 @@ def _prep(q, k, v, key_padding_mask, segment_ids):
     check_dtype("attention", q)
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
-            f"kernels.attention: q, k, v must share one (batch, seq, heads, head_dim) shape, got "
+            f"roberta_kernels.attention: q, k, v must share one (batch, seq, heads, head_dim) shape, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"kernels.attention: q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+        raise TypeError(f"roberta_kernels.attention: q/k/v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     B, S, H, D = q.shape
     if D not in HEAD_DIMS:
-        raise ValueError(f"kernels.attention: head_dim {D} is not supported (supported: {HEAD_DIMS})")
+        raise ValueError(f"roberta_kernels.attention: head_dim {D} is not supported (supported: {HEAD_DIMS})")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kpm = None
     if key_padding_mask is not None:
         if key_padding_mask.shape != (B, S):
             raise ValueError(
-                f"kernels.attention: key_padding_mask must be (batch, seq) = {(B, S)}, "
+                f"roberta_kernels.attention: key_padding_mask must be (batch, seq) = {(B, S)}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
         kpm = key_padding_mask.to(torch.int8).contiguous()
     seg = None
     if segment_ids is not None:
         if segment_ids.shape != (B, S):
-            raise ValueError(f"kernels.attention: segment_ids must be (batch, seq) = {(B, S)}")
+            raise ValueError(f"roberta_kernels.attention: segment_ids must be (batch, seq) = {(B, S)}")
         seg = segment_ids.to(torch.int32).contiguous()
     return q, k, v, kpm, seg
 
@@ -305,10 +305,10 @@ class _Attention(torch.autograd.Function):
 
 def _apply(q, k, v, key_padding_mask, softmax_scale, segment_ids, dropout_p, dropout_seed, head_dim):
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"kernels.attention: dropout_p={dropout_p} must be in [0, 1)")
+        raise ValueError(f"roberta_kernels.attention: dropout_p={dropout_p} must be in [0, 1)")
     scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
     if scale <= 0:
-        raise ValueError(f"kernels.attention: softmax_scale={scale} must be > 0")
+        raise ValueError(f"roberta_kernels.attention: softmax_scale={scale} must be > 0")
     p = attention_dropout_rate(dropout_p)
     seed = (new_seed() if dropout_seed is None else dropout_seed) if p > 0 else 0
     return _Attention.apply(q, k, v, key_padding_mask, segment_ids, scale, p, seed)
@@ -340,7 +340,9 @@ def attention_qkvpacked(
     """attention(*qkv.unbind(2), ...) whose gradient the kernels write straight into one
     (B, S, 3, H, D) tensor (no unbind-backward stack)."""
     if qkv.ndim != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"kernels.attention_qkvpacked: qkv must be (B, S, 3, H, D), got {tuple(qkv.shape)}")
+        raise ValueError(
+            f"roberta_kernels.attention_qkvpacked: qkv must be (B, S, 3, H, D), got {tuple(qkv.shape)}"
+        )
     return _apply(
         qkv, None, None, key_padding_mask, softmax_scale, segment_ids, dropout_p, dropout_seed, qkv.shape[-1]
     )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._utils import check_dtype, check_runnable, sm_count
+from roberta_kernels._utils import check_dtype, check_runnable, sm_count
 
 
 @triton.jit
@@ -90,7 +90,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     check_dtype("bias_gelu", x)
     N = x.shape[-1]
     if bias.shape != (N,):
-        raise ValueError(f"kernels.bias_gelu: bias shape {tuple(bias.shape)} != ({N},)")
+        raise ValueError(f"roberta_kernels.bias_gelu: bias shape {tuple(bias.shape)} != ({N},)")
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._utils import check_dtype, check_runnable, new_seed, sm_count
+from roberta_kernels._utils import check_dtype, check_runnable, new_seed, sm_count
 
 MAX_N = 16384
 
@@ -204,14 +204,14 @@ def layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
     check_dtype("layer_norm", x)
     N = x.shape[-1]
     if N > MAX_N:
-        raise ValueError(f"kernels.layer_norm: hidden size {N} > {MAX_N} is not supported")
+        raise ValueError(f"roberta_kernels.layer_norm: hidden size {N} > {MAX_N} is not supported")
     if weight.shape != (N,) or bias.shape != (N,):
         raise ValueError(
-            f"kernels.layer_norm: weight/bias must be ({N},), got {tuple(weight.shape)}/{tuple(bias.shape)}"
+            f"roberta_kernels.layer_norm: weight/bias must be ({N},), got {tuple(weight.shape)}/{tuple(bias.shape)}"
         )
     if residual is not None and residual.shape != x.shape:
         raise ValueError(
-            f"kernels.layer_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}"
+            f"roberta_kernels.layer_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}"
         )
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else None
@@ -314,7 +314,7 @@ def layer_norm(
     """LayerNorm(dropout(x) + residual) over the last dim; dropout is applied whenever
     dropout_p > 0 (the caller passes 0 in eval mode)."""
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"kernels.layer_norm: dropout_p={dropout_p} must be in [0, 1)")
+        raise ValueError(f"roberta_kernels.layer_norm: dropout_p={dropout_p} must be in [0, 1)")
     seed = (new_seed() if dropout_seed is None else dropout_seed) if dropout_p > 0 else 0
     return _LayerNorm.apply(x, weight, bias, residual, eps, dropout_p, seed)
 

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._utils import check_dtype, check_runnable
-from kernels.cross_entropy import ce_launch, check_labels, cross_entropy_ref
+from roberta_kernels._utils import check_dtype, check_runnable
+from roberta_kernels.cross_entropy import ce_launch, check_labels, cross_entropy_ref
 
 MAX_CHUNK_LOGITS = 2**27  # 256 MB of bf16 logits: one chunk up to ~2.6K rows at V = 50K
 VOCAB_ALIGN = 64
@@ -113,15 +113,15 @@ def _check(h, weight, bias, labels):
     check_dtype("linear_cross_entropy", h)
     if h.ndim != 2 or weight.ndim != 2 or weight.shape[1] != h.shape[1] or labels.shape != h.shape[:1]:
         raise ValueError(
-            f"kernels.linear_cross_entropy: h (N, D), weight (V, D), labels (N,) expected, got "
+            f"roberta_kernels.linear_cross_entropy: h (N, D), weight (V, D), labels (N,) expected, got "
             f"{tuple(h.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
         )
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(
-            f"kernels.linear_cross_entropy: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}"
+            f"roberta_kernels.linear_cross_entropy: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}"
         )
     if any(t is not None and t.dtype != h.dtype for t in (weight, bias)):
-        raise TypeError("kernels.linear_cross_entropy: h, weight and bias must share one dtype")
+        raise TypeError("roberta_kernels.linear_cross_entropy: h, weight and bias must share one dtype")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
