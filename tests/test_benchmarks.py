@@ -85,6 +85,9 @@ def test_data_bench(tmp_path, kjv_dataset):
     stages = sum(float(ours[f"{k}_s"]) for k in ("startup", "plan", "tokenizer", "tokenize", "finalize"))
     assert 0.5 * float(ours["seconds"]) < stages <= float(ours["seconds"]) + 0.01
     assert 0 < float(ours["serial_fraction"]) < 1
+    # one worker: its tasks fill the stage (log times are rounded to 10 ms per task)
+    assert 0 < float(ours["task_s"]) <= float(ours["tokenize_s"]) + 0.005 * int(ours["tasks"])
+    assert 0.5 < float(ours["pool_utilisation"]) <= 1.1
     assert "speedup" in res.stdout and "stages in seconds" in res.stdout
 
 
@@ -103,6 +106,19 @@ def test_data_bench_serial_fraction_and_amdahl():
     assert s["serial_fraction_160gb"] == pytest.approx(f)
     assert s["efficiency_1024_160gb"] == pytest.approx(1 / (f * 1024 + 1 - f))
     assert s["karp_flatt"] == pytest.approx(2 / (100 / 55) - 1)
+    assert s["pool_utilisation"] is None  # no task times given
+
+
+def test_data_bench_reads_the_task_times_from_the_logs(tmp_path):
+    from roberta_ds.benchmarks.data import task_seconds
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "task_00000.log").write_text(
+        "t vm pid 1: tokenize start a bytes [0, 9)\nt vm pid 1: tokenize done in 2.5s: 3 documents\n"
+        "t vm pid 2: tokenize done in 1.25s: 3 documents\n"  # a rerun's second attempt
+    )
+    (tmp_path / "logs" / "task_00001.log").write_text("t vm pid 1: sample done in 9.0s: 1 documents kept\n")
+    assert task_seconds(tmp_path) == pytest.approx(3.75)
 
 
 @pytest.mark.multiproc

@@ -170,8 +170,15 @@ def ours(corpus, tokenizer, seq_len, workers, work, task_bytes, kill_at=None, ta
         # on one process whatever the workers: start-up (interpreter, imports) and the serial stages
         "startup_s": seconds - meta["timings"]["seconds"],
         **{f"{k}_s": phases.get(k, 0.0) for k in ("plan", "tokenizer", "tokenize", "finalize")},
+        "task_s": task_seconds(out),
     }
     return row, out / "tokenizer"
+
+
+def task_seconds(out: Path) -> float:
+    """The sum of the tokenize tasks' own times ("tokenize done in 2.9s" in logs/task_*.log)."""
+    done = re.compile(r"tokenize done in ([0-9.]+)s")
+    return sum(float(m[1]) for log in out.glob("logs/task_*.log") for m in done.finditer(log.read_text()))
 
 
 DATATROVE_SCRIPT = """
@@ -365,6 +372,12 @@ def scaling_summary(one: dict, many: dict, n: int, size: int) -> dict:
         "efficiency_1024_160gb": amdahl(serial_160, 1024),
         # inferred from the speed-up alone (counts contention on a shared machine as serial)
         "karp_flatt": min(1.0, max(0.0, (n / speedup - 1) / (n - 1))) if n > 1 else 0.0,
+        # inside the n-worker run, so immune to the machine's drift between runs: how busy its
+        # workers were during the tokenize stage (the pool's own loss: start-up, the last tasks)
+        "pool_utilisation": many["task_s"] / (n * many["tokenize_s"]) if many.get("task_s") else None,
+        # the same tasks' time on n busy cores against one (shared caches and memory bandwidth;
+        # compares two runs, so it also carries the drift)
+        "task_slowdown": many["task_s"] / one["task_s"] if one.get("task_s") else None,
     }
 
 

@@ -154,7 +154,7 @@ def run(stage: str, out: str, task: dict, params: dict) -> str:
         t0 = time.time()
         summary = _sample(t, tmp, params) if stage == "sample" else _tokenize(t, tmp, params)
         _finish(tmp, final)
-        _log(out_p, t.index, f"{stage} done in {time.time() - t0:.1f}s: {summary}")
+        _log(out_p, t.index, f"{stage} done in {time.time() - t0:.2f}s: {summary}")
         return "done"
     finally:
         lock.unlink(missing_ok=True)
