@@ -10,7 +10,9 @@ Writes (into --out, default bench_results/):
 - sm90_report.csv: one row per hot-kernel variant (the columns of REPORT_COLUMNS), rows of other
   Triton versions already in the file are kept, so one file holds e.g. triton 3.6 and 3.9;
 - sm90_report.md: the modelled step per configuration (time, MFU, bytes moved against the minimum,
-  launches per layer) and the per-kernel table of the recipe's configuration.
+  launches per layer) and the per-kernel table of the recipe's configuration;
+- sm90_before_after.md: the recipe's step against the report of commit 8726330's kernels (BEFORE), for
+  each triton version both hold; docs/kernels.md includes it (`--tables-only` rewrites it alone).
 Prints each kernel's difference against the committed report (--baseline) and, with --check, exits
 1 when a hot kernel spills, uses mma.sync without wgmma, needs more shared memory than an SM has,
 or cannot fit one CTA on an SM. Every figure is compile-time or modelled, never measured.
@@ -25,6 +27,7 @@ import csv
 import inspect
 import itertools
 import json
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ import triton
 
 from kernel_tools import cost_model, sass, trace
 from kernel_tools.perf_calibrate import calibrate
+from roberta_ds.benchmarks import doc_tables
 from roberta_ds.benchmarks.common import git_commit
 from roberta_ds.config import model_preset
 from roberta_ds.data.masking import max_masked
@@ -50,6 +54,7 @@ REPORT_COLUMNS = [
     "triton", "commit",
 ]  # fmt: skip
 DIFF_COLUMNS = ["regs", "spill_bytes", "smem_bytes", "loop_sass", "modelled_us"]
+BEFORE = "sm90_8726330"  # the report of commit 8726330's kernels, before their second version
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,39 @@ def write_report(
         w.writeheader()
         w.writerows(sorted(kept, key=lambda r: r["triton"]) + rows)
     (out / f"sm90_steps_triton{version}.json").write_text(json.dumps(summaries, indent=1) + "\n")
-    (out / "sm90_report.md").write_text(markdown(recipe_rows, summaries, recipe))
+    doc_tables.publish(out / "sm90_report.md", markdown(recipe_rows, summaries, recipe))
+    write_before_after(out, recipe)
+
+
+def before_after(out: Path, recipe: str) -> str | None:
+    """Markdown: the `recipe` step's figures in out/BEFORE/ and in out/, for each triton version that
+    both hold (None if none does); the commits are the reports' own."""
+    report, body, commits = read_csv(out / "sm90_report.csv"), [], []
+    half_up = doc_tables.half_up
+    names = [p.name for p in (out / BEFORE).glob("sm90_steps_triton*.json") if (out / p.name).is_file()]
+    for name in sorted(names, key=lambda n: [int(x) for x in re.findall(r"\d+", n)]):  # 3.10 after 3.9
+        version = name.removeprefix("sm90_steps_triton").removesuffix(".json")
+        commits.append(f"{version} at {next((r['commit'] for r in report if r['triton'] == version), '?')}")
+        for when, path in (("before", out / BEFORE / name), ("after", out / name)):
+            step = next(x for x in json.loads(path.read_text()) if x["config"] == recipe)
+            moved = f"{half_up(step['moved_gb'], 1)} ({half_up(step['min_gb'], 1)})"
+            ms, mfu = half_up(step["modelled_ms"], 1), half_up(step["mfu"], 0, 100)
+            body.append([version, when, f"{ms} ms", f"{mfu}%", moved, step["launches_per_layer"]])
+    if not body:
+        return None
+    head = (
+        f"Modelled by `python -m kernel_tools.perf_report` for an H100 (compile-time figures and model "
+        f"estimates, not measurements): one training step, {recipe}, micro-batch {step['micro_batch']}, bf16; "
+        f"before = commit {BEFORE.removeprefix('sm90_')}'s kernels (`{out.name}/{BEFORE}/`), after = the "
+        f"report's commit per triton version ({', '.join(commits)})"
+    )
+    header = ["triton", "kernels", "modelled step", "MFU", "GB moved (min at the interface)"]
+    return head + "\n\n" + doc_tables.table([*header, "launches per layer"], body)
+
+
+def write_before_after(out: Path, recipe: str) -> Path | None:
+    text = before_after(out, recipe)
+    return doc_tables.publish(out / "sm90_before_after.md", text) if text else None
 
 
 def markdown(rows: list[dict], summaries: list[dict], recipe: str) -> str:
@@ -267,13 +304,20 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--calibrate", action="store_true", help="CUDA only: measured against modelled per kernel"
     )
+    ap.add_argument(
+        "--tables-only", action="store_true", help="only rewrite sm90_before_after.md from --out's files"
+    )
     args = ap.parse_args(argv)
+    steps = configs(args.ds_config, args.presets, args.seq_lens)
+    recipe = StepConfig(args.presets[0], max(args.seq_lens), 0.1, False, steps[0].micro_batch).label
+    if args.tables_only:
+        written = write_before_after(args.out, recipe)
+        print(f"wrote {written}" if written else f"nothing to write: no {BEFORE}/ report in {args.out}")
+        return 0
     trace.check_not_interpreted()
     commit = git_commit(("roberta_kernels", "kernel_tools"))  # what the report depends on
     baseline = read_csv(args.baseline)
     rows, summaries = [], []
-    steps = configs(args.ds_config, args.presets, args.seq_lens)
-    recipe = StepConfig(args.presets[0], max(args.seq_lens), 0.1, False, steps[0].micro_batch).label
     seen, recipe_rows, modelled = set(), [], []
     for cfg in steps:
         cfg_rows, summary, per_launch = analyse(cfg, commit)

@@ -152,3 +152,34 @@ def test_e2e_bench_tiny_on_cpu(tmp_path):
     assert [r["impl"] for r in rows] == ["ours-torch", "hf-sdpa"]
     assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 for r in rows)
     assert (tmp_path / "e.png").stat().st_size > 0
+
+
+def test_scaling_table_is_rendered_from_the_csvs_latest_run(tmp_path):
+    """The docs' scaling table comes from the CSV: the latest run only (an older commit's rows and a
+    repeated row are left out), figures rounded half up as written (0.345 -> 35%, 44,634 -> 45K)."""
+    from roberta_ds import bench
+
+    fields = ["preset", "zero", "gpus", "micro_batch", "grad_accum", "compute_ms", "tokens_per_s_per_gpu",
+              "comm_efficiency", "compute_source", "ds_config", "commit"]  # fmt: skip
+    old = ["base", 1, 8, 32, 8, 177.15, 737256, 0.996, "FLOPs at 45% MFU", "z1.json", "aaaaaaa"]
+    run = [
+        ["base", 1, 8, 32, 8, 170.56, 765635, 0.996, "sm90_steps_triton3.9.0.json", "z1.json", "bbbbbbb"],
+        ["base", 3, 8, 32, 8, 170.56, 538264, 0.7, "sm90_steps_triton3.9.0.json", "z3.json", "bbbbbbb"],
+        ["base", 1, 512, 4, 1, 2.67, 44634, 0.175, "sm90_steps_triton3.9.0.json", "z1.json", "bbbbbbb"],
+        ["base", 3, 512, 4, 1, 2.67, 107447, 0.345, "sm90_steps_triton3.9.0.json", "z3.json", "bbbbbbb"],
+    ]
+    with open(tmp_path / "s.csv", "w", newline="") as f:
+        csv.writer(f).writerows([fields, old, *run, run[0]])
+    assert bench.main(["scaling", "--tables-only", "--csv", str(tmp_path / "s.csv")]) == 0
+    head, table = (tmp_path / "s.md").read_text().split("\n\n")
+    assert "commit bbbbbbb" in head and "H100" in head and "`sm90_steps_triton3.9.0.json`" in head
+    assert "seq 512" in head and "global batch 2048" in head and "base 21.3 ms" in head
+    assert table.splitlines()[0].endswith(
+        "| micro-batch x accumulation | compute / step time, ZeRO-1 / ZeRO-3 |"
+    )
+    assert table.splitlines()[0].startswith("| model | GPUs | ZeRO-1 | ZeRO-3 |")
+    assert table.splitlines()[1:] == [
+        "|---|---|---|---|---|---|",
+        "| base | 8 | 766K | 538K | 32 x 8 | 100% / 70% |",
+        "| base | 512 | 45K | 107K | 4 x 1 | 18% / 35% |",
+    ]

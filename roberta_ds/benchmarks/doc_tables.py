@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,30 @@ def sync(root: Path = ROOT, check: bool = False) -> list[Path]:
             if not check:
                 doc.write_text(new)
     return stale
+
+
+def publish(path: Path, text: str) -> Path:
+    """Write a benchmark's markdown output, then bring the docs that include it up to date; an output
+    outside the repository (a test's) leaves the docs alone."""
+    path = Path(path)
+    path.write_text(text)
+    if path.resolve().is_relative_to(ROOT):
+        sync()
+    return path
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
+
+
+def half_up(value, digits: int = 0, scale: int | str = 1) -> str:
+    """`value` (a number or its CSV text) times `scale`, rounded half up at `digits` decimals, in decimal
+    as a person rounds the written figure: the outputs hold decimals already rounded, and binary
+    rounding turns 38.15 into 38.1 and 0.345 x 100 into 34."""
+    exact = Decimal(str(value)) * Decimal(str(scale))
+    return str(exact.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,11 +27,16 @@ all-gathers behind the forward and backward; what does not fit shows up in the s
 
 from __future__ import annotations
 
+import csv
 import functools
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from pathlib import Path
+
+from roberta_ds.benchmarks import doc_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 GPUS_PER_NODE = 8
@@ -58,8 +63,13 @@ def add_args(p) -> None:
     p.add_argument(
         "--report-dir", default=str(ROOT / "bench_results"), help="where sm90_steps_triton*.json is"
     )
-    p.add_argument("--csv", default="bench_results/scaling.csv")
+    p.add_argument(
+        "--csv", default="bench_results/scaling.csv", help="rows appended, the .md beside it rewritten"
+    )
     p.add_argument("--plot", default="bench_results/scaling.png")
+    p.add_argument(
+        "--tables-only", action="store_true", help="only rewrite the .md from the CSV's latest run (no model)"
+    )
 
 
 @functools.cache
@@ -231,6 +241,7 @@ def table(args) -> list[dict]:
                 rows.append(
                     {
                         "preset": preset,
+                        "seq_len": args.seq_len,
                         "zero": stage,
                         "gpus": world,
                         "micro_batch": mb,
@@ -280,9 +291,74 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def latest_run(path: Path) -> list[dict]:
+    """The CSV's rows of its latest run: the trailing rows of the last row's commit, the last row of
+    each (preset, stage, GPUs)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    tail = list(itertools.takewhile(lambda r: r["commit"] == rows[-1]["commit"], reversed(rows)))
+    return list({(r["preset"], r["zero"], r["gpus"]): r for r in reversed(tail)}.values())
+
+
+def markdown(rows: list[dict]) -> str:
+    """The docs' table of one run (CSV rows): tokens/s per GPU per stage, and the share of the step that
+    is compute for the least and the most partitioned stage; the first line says what it models."""
+    half_up = doc_tables.half_up
+    stages = sorted({r["zero"] for r in rows}, key=int)
+    ends = [stages[0], stages[-1]]
+    by = {(r["preset"], r["gpus"], r["zero"]): r for r in rows}
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    body = []
+    for preset in presets:
+        for gpus in sorted({r["gpus"] for r in rows if r["preset"] == preset}, key=int):
+            run = [by[preset, gpus, z] for z in stages]
+            body.append(
+                [preset, gpus]
+                + [f"{half_up(r['tokens_per_s_per_gpu'], 0, '0.001')}K" for r in run]
+                + [f"{run[0]['micro_batch']} x {run[0]['grad_accum']}"]
+                + [" / ".join(f"{half_up(r['comm_efficiency'], 0, 100)}%" for r in (run[0], run[-1]))]
+            )
+    header = ["model", "GPUs", *(f"ZeRO-{z}" for z in stages), "micro-batch x accumulation"]
+    header.append(f"compute / step time, {' / '.join(f'ZeRO-{z}' for z in ends)}")
+    return _markdown_head(rows, presets) + "\n\n" + doc_tables.table(header, body)
+
+
+def _markdown_head(rows: list[dict], presets: list[str]) -> str:
+    # one micro-batch's compute, from the rows at the largest micro-batch (compute_ms counts accumulation)
+    micro = {
+        p: max((r for r in rows if r["preset"] == p), key=lambda r: int(r["micro_batch"])) for p in presets
+    }
+    compute = ", ".join(
+        f"{p} {doc_tables.half_up(Decimal(r['compute_ms']) / int(r['grad_accum']), 1)} ms"
+        for p, r in micro.items()
+    )
+    r = rows[0]
+    source = r["compute_source"]
+    source = f"the static report (`{source}`)" if source.endswith(".json") else source
+    configs = ", ".join(f"`{c}`" for c in sorted({x["ds_config"] for x in rows}))
+    # rows from before the seq_len column were all run at its default, 512 (their compute is the s512 step)
+    return (
+        f"Modelled by `python -m roberta_ds.bench scaling` at commit {r['commit']} (estimates, not "
+        f"measurements): H100 SXM, bf16, seq {r.get('seq_len') or 512}, global batch "
+        f"{int(r['micro_batch']) * int(r['grad_accum']) * int(r['gpus'])} sequences ({configs}); "
+        f"{INTRA_NODE_BPS / 1e9:.0f} GB/s per GPU inside a node of {GPUS_PER_NODE}, "
+        f"{INTER_NODE_BPS / 1e9:.0f} GB/s across nodes; compute per micro-batch of "
+        f"{micro[presets[0]]['micro_batch']} from {source}: {compute}"
+    )
+
+
+def write_markdown(csv_path: Path) -> Path:
+    """The .md beside `csv_path`, from its latest run; the docs that include it follow."""
+    md = Path(csv_path).with_suffix(".md")
+    return doc_tables.publish(md, markdown(latest_run(Path(csv_path))))
+
+
 def main(args) -> int:
     from roberta_ds.benchmarks.common import append_csv, git_commit, print_table
 
+    if args.tables_only:
+        print(f"wrote {write_markdown(Path(args.csv))}")
+        return 0
     rows = table(args)
     cols = ["preset", "zero", "gpus", "micro_batch", "grad_accum", "compute_ms", "exposed_comm_ms", "step_ms",
             "tokens_per_s_per_gpu", "comm_efficiency", "mem_gib", "mem_ckpt_gib"]  # fmt: skip
@@ -308,6 +384,7 @@ def main(args) -> int:
         )
     commit = git_commit()
     append_csv(args.csv, [{**r, "commit": commit} for r in rows])
+    print(f"table: {write_markdown(Path(args.csv))}")
     if args.plot:
         plot(rows, Path(args.plot))
         print(f"plot: {args.plot}")

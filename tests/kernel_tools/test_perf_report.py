@@ -139,3 +139,31 @@ def test_report_on_the_models_launches_passes_its_check(tmp_path):
     assert all(int(r["wgmma"]) > 0 and int(r["loop_sass"]) > 0 for r in attn)
     steps = json.loads(next(tmp_path.glob("sm90_steps_triton*.json")).read_text())
     assert len(steps) == 16 and all(s["modelled_ms"] > 0 and 0 < s["mfu"] < 1 for s in steps)
+
+
+def test_before_after_table_is_rendered_from_the_step_files(tmp_path):
+    """sm90_before_after.md: the recipe's step in the BEFORE report and now, one pair of rows per triton
+    version that both hold, with the commit the report's CSV records (38.15 ms is 38.2, half up)."""
+    from kernel_tools import perf_report
+
+    out = tmp_path / "bench_results"
+    (out / perf_report.BEFORE).mkdir(parents=True)
+    assert perf_report.before_after(out, "base s512 p0.1") is None  # no step files yet
+
+    def step(ms, mfu, moved, launches):
+        recipe = {"config": "base s512 p0.1", "micro_batch": 32, "modelled_ms": ms, "mfu": mfu}
+        recipe.update(moved_gb=moved, min_gb=32.77, launches_per_layer=launches)
+        return json.dumps([{"config": "base s128 p0", "modelled_ms": 1.0}, recipe])
+
+    (out / perf_report.BEFORE / "sm90_steps_triton3.6.0.json").write_text(step(38.15, 0.261, 65.08, 97.1))
+    (out / "sm90_steps_triton3.6.0.json").write_text(step(21.55, 0.462, 37.13, 43.8))
+    (out / "sm90_steps_triton3.9.0.json").write_text(step(21.24, 0.469, 37.15, 43.9))  # no before: left out
+    (out / "sm90_report.csv").write_text("kernel,triton,commit\n_k,3.9.0,bbbbbbb\n_k,3.6.0,aaaaaaa\n")
+    assert perf_report.main(["--tables-only", "--out", str(out)]) == 0
+    head, table = (out / "sm90_before_after.md").read_text().split("\n\n")
+    assert "H100" in head and "micro-batch 32" in head and "3.6.0 at aaaaaaa" in head and "3.9" not in head
+    assert "`bench_results/sm90_8726330/`" in head
+    assert table.splitlines()[2:] == [
+        "| 3.6.0 | before | 38.2 ms | 26% | 65.1 (32.8) | 97.1 |",
+        "| 3.6.0 | after | 21.6 ms | 46% | 37.1 (32.8) | 43.8 |",
+    ]
