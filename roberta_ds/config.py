@@ -2,20 +2,26 @@
 
 One owner per value: DeepSpeed runtime values (batch sizes, precision, ZeRO stage, clipping,
 offload) live only in ds_configs/*.json and are read back from the engine; nothing here sets them.
-Unknown keys and wrong types are errors that name the key and the file.
+Unknown keys and wrong types are errors that name the key and the file: pydantic checks each section
+against its dataclass's annotations (strict: an integer is not a float, a string or a boolean), the
+messages are ours (`build_dataclass`); the checks across fields are each dataclass's __post_init__.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import signal
-import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
+from pydantic import BeforeValidator, Strict
 
 from roberta_ds.errors import InputError
 
@@ -34,6 +40,53 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _float_from_yaml(value: Any) -> Any:
+    if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+# A float field: a number (an integer becomes a float), or a string that reads as one.
+Float = Annotated[float, BeforeValidator(_float_from_yaml)]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A value per optimizer step, written [[first_step, value], ...] from step 0 with increasing
+    steps (data.seq_len_schedule, data.mlm_probability_schedule). 'step' holds each value until the
+    next point; 'linear' interpolates between points; the last value holds after the last point."""
+
+    points: list[list[int | float]]
+    interpolate: Literal["step", "linear"] = "step"
+
+    def value_at(self, step: int) -> int | float:
+        i = bisect.bisect_right([s for s, _ in self.points], step) - 1
+        if self.interpolate == "step" or i == len(self.points) - 1:
+            return self.points[i][1]
+        (s0, v0), (s1, v1) = self.points[i], self.points[i + 1]
+        v = v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+        return min(max(v, min(v0, v1)), max(v0, v1))  # never past an end by rounding: K stays a bound
+
+    def check(self, key: str, names: tuple[str, str], ok: Callable[[Any], bool], problem: str) -> None:
+        """ConfigErrors naming `key`: names = (step, value) as the messages call them; a value v
+        with not ok(v) is reported as f"{value} {v} {problem}"."""
+        step_name, value_name = names
+        _require(bool(self.points), f"{key}: empty; give [[0, {value_name}], ...] or null")
+        for i, entry in enumerate(self.points):
+            _require(len(entry) == 2, f"{key}[{i}]: expected [{step_name}, {value_name}], got {entry}")
+            step, value = entry
+            _require(
+                isinstance(step, int) and step >= 0, f"{key}[{i}]: {step_name} {step} must be an integer >= 0"
+            )
+            _require(ok(value), f"{key}[{i}]: {value_name} {value} {problem}")
+        steps = [s for s, _ in self.points]
+        _require(steps[0] == 0, f"{key}: must start at step 0, not {steps[0]}")
+        _require(all(a < b for a, b in zip(steps, steps[1:])), f"{key}: steps {steps} must increase")
+
+
 @dataclass
 class ModelConfig:
     """The RoBERTa architecture (field meanings follow transformers' RobertaConfig)."""
@@ -46,10 +99,10 @@ class ModelConfig:
     # RoBERTa offsets positions by padding_idx + 1, so 512 tokens need 514 rows.
     max_position_embeddings: int = 514
     type_vocab_size: int = 1
-    layer_norm_eps: float = 1e-5
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    initializer_range: float = 0.02
+    layer_norm_eps: Float = 1e-5
+    hidden_dropout: Float = 0.1
+    attention_dropout: Float = 0.1
+    initializer_range: Float = 0.02
     # Initial values of the attention path: 'normal' (transformers/fairseq: every weight
     # N(0, initializer_range)) or 'local' (position and W_q/W_k start so that each head attends to
     # nearby positions; same architecture and parameters; see model/local_init.py). 'local' lets a
@@ -114,25 +167,25 @@ class DataConfig:
     # A dataset folder written by `python -m roberta_ds.prepare`, 'builtin' for the built-in corpus
     # (prepared on first use into `cache_dir`), or a mixture {folder: weight, ...} of prepared
     # folders sharing one tokenizer and seq_len (weights are normalised; see data/mixture.py).
-    dataset: str | dict[str, float] = "builtin"
+    dataset: str | dict[str, Float] = "builtin"
     cache_dir: str = "data_cache"
     # Only used when dataset == 'builtin': the tokenizer to use or 'train' for a new byte-level BPE.
     tokenizer: str = "train"
     vocab_size: int = 8192
     seq_len: int = 128
     # The masking rate: of every step without mlm_probability_schedule, and of validation always.
-    mlm_probability: float = 0.15
+    mlm_probability: Float = 0.15
     # What is masked (data/masking.py): 'token' (RoBERTa), 'whole_word' (every token of a space-led
     # word; byte-level BPE) or 'span' (SpanBERT's spans of Geometric(span_length_p) tokens, at most
     # span_max, mean 3.8 for 0.2 and 10).
     masking: Masking = "token"
-    span_length_p: float = 0.2
+    span_length_p: Float = 0.2
     span_max: int = 10
     # Masking-rate schedule: [[step, rate], ...] from step 0, linear between points and the last rate
     # after, e.g. [[0, 0.3], [20000, 0.15]] (Mosaic). null = mlm_probability throughout.
-    mlm_probability_schedule: list[list[int | float]] | None = None
-    mask_replace_prob: float = 0.8
-    random_replace_prob: float = 0.1
+    mlm_probability_schedule: list[list[int | Float]] | None = None
+    mask_replace_prob: Float = 0.8
+    random_replace_prob: Float = 0.1
     # Stop attention at document boundaries inside a packed block (Triton kernel and reference both).
     document_mask: bool = False
     num_workers: int = 1
@@ -202,35 +255,20 @@ class DataConfig:
             0.0 < self.span_length_p <= 1.0, f"data.span_length_p={self.span_length_p} must be in (0, 1]"
         )
         _require(self.span_max >= 1, f"data.span_max={self.span_max} must be >= 1")
-        sched = self.mlm_probability_schedule
-        if sched is None:
-            return
-        key = "data.mlm_probability_schedule"
-        _require(bool(sched), f"{key}: empty; give [[0, rate], ...] or null")
-        for i, entry in enumerate(sched):
-            _require(len(entry) == 2, f"{key}[{i}]: expected [step, rate], got {entry}")
-            step, rate = entry
-            _require(isinstance(step, int) and step >= 0, f"{key}[{i}]: step {step} must be an integer >= 0")
-            _require(0.0 < rate <= 1.0, f"{key}[{i}]: rate {rate} must be in (0, 1]")
-        steps = [s for s, _ in sched]
-        _require(steps[0] == 0, f"{key}: must start at step 0, not {steps[0]}")
-        _require(all(a < b for a, b in zip(steps, steps[1:])), f"{key}: steps {steps} must increase")
+        if self.mlm_probability_schedule is not None:
+            Schedule(self.mlm_probability_schedule, "linear").check(
+                "data.mlm_probability_schedule",
+                ("step", "rate"),
+                lambda p: 0.0 < p <= 1.0,
+                "must be in (0, 1]",
+            )
 
     def _check_schedule(self) -> None:
         sched = self.seq_len_schedule
         if sched is None:
             return
-        _require(bool(sched), "data.seq_len_schedule: empty; give [[0, seq_len], ...] or null")
-        for i, entry in enumerate(sched):
-            _require(
-                len(entry) == 2, f"data.seq_len_schedule[{i}]: expected [first_step, seq_len], got {entry}"
-            )
-            _require(entry[1] >= 8, f"data.seq_len_schedule[{i}]: seq_len {entry[1]} is below 8")
-        steps = [s for s, _ in sched]
-        _require(steps[0] == 0, f"data.seq_len_schedule: must start at step 0, not {steps[0]}")
-        _require(
-            all(a < b for a, b in zip(steps, steps[1:])),
-            f"data.seq_len_schedule: steps {steps} must increase",
+        Schedule(sched).check(
+            "data.seq_len_schedule", ("first_step", "seq_len"), lambda L: L >= 8, "is below 8"
         )
         if self.dataset == "builtin":
             _require(
@@ -247,12 +285,12 @@ class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 1234
     max_steps: int = 1000
-    lr: float = 6e-4
+    lr: Float = 6e-4
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    weight_decay: float = 0.01
+    min_lr_ratio: Float = 0.0
+    betas: Annotated[tuple[Float, Float], Strict(False)] = (0.9, 0.98)  # Strict(False): a YAML list
+    eps: Float = 1e-6
+    weight_decay: Float = 0.01
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20
@@ -263,16 +301,16 @@ class TrainConfig:
     # Resume from a run folder or checkpoint ('auto' = this run_dir's latest if present).
     resume: str | None = "auto"
     # Stop cleanly (checkpoint, exit code 99 unless overridden) after this many minutes.
-    time_limit_minutes: float | None = None
+    time_limit_minutes: Float | None = None
     preempt_signal: str = "SIGUSR1"
     max_nonfinite_steps: int = 5
     # Peak dense FLOP/s of one device for MFU; None = look the device up in training/metrics.py.
-    peak_flops: float | None = None
+    peak_flops: Float | None = None
     progress_bar: bool = True
     # Stall watchdog: a rank whose step makes no progress for this long (no heartbeat, or stuck in
     # a collective) stops every rank with exit 99 and a message naming it. Well above a step, an
     # evaluation, the first step's compilation and a save of large (minutes each); 0 = off.
-    stall_timeout_s: float = 1800.0
+    stall_timeout_s: Float = 1800.0
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "log_every", "eval_batches", "max_nonfinite_steps")
@@ -326,83 +364,71 @@ class RunConfig:
 # Loading with errors for people
 
 
-def _check_value(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(value, arg, where)
-            except ConfigError as e:
-                kind = typing.get_origin(arg) or arg
-                # the member of the value's own kind says most (a mapping's bad weight, not "not a string")
-                errors.insert(
-                    0 if isinstance(kind, type) and isinstance(value, kind) else len(errors), str(e)
-                )
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is dict:
-        key_tp, value_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {
-            _check_value(k, key_tp, where): _check_value(v, value_tp, f"{where}.{k}")
-            for k, v in value.items()
-        }
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r} ({type(value).__name__})")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r} ({type(value).__name__})")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r} ({type(value).__name__})")
-        return value
-    raise TypeError(f"unsupported config type {tp} at {where}")
+# Strict: an integer field takes no float, string or boolean, a boolean no 0/1, a string no number
+# (pydantic's lax mode would convert them); a Float takes an integer. The dataclasses stay plain
+# (code that builds one directly is unchanged); a pydantic model of the same fields checks the YAML.
+_STRICT = pydantic.ConfigDict(strict=True, extra="forbid")
+# pydantic's error types -> our message (input: the value, kind: its type's name, ctx's fields)
+_MESSAGES = {
+    "int_type": "expected an integer, got {input!r} ({kind})",
+    "float_type": "expected a number, got {input!r} ({kind})",
+    "string_type": "expected a string, got {input!r} ({kind})",
+    "bool_type": "expected true or false, got {input!r}",
+    "literal_error": "{input!r} is not one of {expected}",
+    "dict_type": "expected a mapping, got {input!r}",
+    "list_type": "expected a list, got {input!r}",
+    "tuple_type": "expected a list, got {input!r}",
+    "too_long": "expected at most {max_length} values, got {input!r}",
+    "missing": "expected at least {count} values, got {input!r}",
+}
+
+
+@functools.cache
+def _fields_model(cls: type) -> type[pydantic.BaseModel]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: (hints[f.name], None) for f in dataclasses.fields(cls)}
+    return pydantic.create_model(cls.__name__, __config__=_STRICT, **fields)
+
+
+def _path(loc: tuple, value: Any) -> str:
+    """loc as `.key` and `[i]`, read along the value (so pydantic's union member tags drop out)."""
+    out = ""
+    for step in loc:
+        if isinstance(value, dict) and step in value:
+            out, value = f"{out}.{step}", value[step]
+        elif isinstance(value, list | tuple) and isinstance(step, int) and step < len(value):
+            out, value = f"{out}[{step}]", value[step]
+    return out
+
+
+def _message(errors: list[dict], cls: type, values: dict[str, Any], where: str) -> str:
+    """One line for the first wrong key of the file: an unknown key, else the first key in the
+    file's order, and of its errors the deepest (of a union's members, the one that got past the
+    kind of value says most: a mixture's bad weight, not "not a string")."""
+    unknown = sorted(e["loc"][0] for e in errors if e["type"] == "extra_forbidden")
+    if unknown:
+        known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+        return f"{where}: unknown key {unknown[0]!r} (known keys: {known})"
+    order = list(values)
+    e = min(errors, key=lambda e: (order.index(e["loc"][0]), -len(e["loc"])))
+    got = e["input"]
+    fields = {**e.get("ctx", {}), "input": got, "kind": type(got).__name__, "msg": e["msg"]}
+    if e["type"] == "missing":  # a tuple's item: loc ends at its index
+        fields["count"] = e["loc"][-1] + 1
+    text = _MESSAGES.get(e["type"], "{msg}, got {input!r}").format(**fields)
+    return f"{where}{_path(e['loc'], values)}: {text}"
 
 
 def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
     """cls(**values) with unknown keys and wrong types reported as `where.key`."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})")
-    checked = {k: _check_value(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     try:
-        return cls(**checked)
+        checked = _fields_model(cls).model_validate(values)
+    except pydantic.ValidationError as e:
+        raise ConfigError(_message(e.errors(), cls, values, where)) from None
+    try:
+        return cls(**{k: getattr(checked, k) for k in values})
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 

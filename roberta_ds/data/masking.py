@@ -34,17 +34,13 @@ items into a batch. `MLMCollator` does both in one call for code that picks its 
 
 from __future__ import annotations
 
-import bisect
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from roberta_ds.config import DataConfig, Schedule
 from roberta_ds.data.dataset import DatasetError, read_metadata
-
-if TYPE_CHECKING:
-    from roberta_ds.config import DataConfig
 
 IGNORE_INDEX = -100  # the label of every token without a loss (torch's cross-entropy default)
 # GPT-2's byte-to-unicode map sends the whitespace bytes \t \n \v \f \r and space to chr(256 + byte)
@@ -66,14 +62,7 @@ def masked_positions(labels_BS: torch.Tensor, k: int) -> torch.Tensor:
 def mlm_probability_at(schedule: list[list[float]] | None, step: int, default: float) -> float:
     """The masking rate of optimizer step `step` under [[first_step, rate], ...] (step 0 first):
     linear between points, the last rate after the last point."""
-    if not schedule:
-        return default
-    i = bisect.bisect_right([s for s, _ in schedule], step) - 1
-    if i == len(schedule) - 1:
-        return schedule[-1][1]
-    (s0, p0), (s1, p1) = schedule[i], schedule[i + 1]
-    p = p0 + (p1 - p0) * (step - s0) / (s1 - s0)
-    return min(max(p, min(p0, p1)), max(p0, p1))  # never past an end by rounding: K stays a bound
+    return Schedule(schedule, "linear").value_at(step) if schedule else default
 
 
 def word_start_table(tokenizer_dir: str | Path, vocab_size: int) -> torch.Tensor:

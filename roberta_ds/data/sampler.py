@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from roberta_ds.config import Schedule
+
 
 def seq_len_at(schedule: list[list[int]] | None, step: int, default: int) -> int:
     """The block length of optimizer step `step` under [[first_step, seq_len], ...] (first_step 0 first)."""
-    if not schedule:
-        return default
-    return schedule[bisect.bisect_right([s for s, _ in schedule], step) - 1][1]
+    return Schedule(schedule).value_at(step) if schedule else default
 
 
 class EpochPermutation:
