@@ -1,4 +1,4 @@
-"""Pretrain RoBERTa: parse, build, fit.
+"""Pretrain RoBERTa: parse, resolve, build, fit.
 
   deepspeed --num_gpus 8 train.py --config configs/base.yaml --deepspeed_config ds_configs/zero1_bf16.json
   torchrun --nproc_per_node 2 train.py --config configs/tiny_cpu.yaml \
@@ -77,14 +77,17 @@ def main(argv=None) -> int:
     exit_status.reserve(run_dir)
     try:
         cfg = load_run_config(args.config, {"train": overrides})  # fast: no torch imported yet
+        stop.arm([cfg.train.preempt_signal], cfg.train.time_limit_minutes)
         from roberta_ds.training.distributed import shutdown
         from roberta_ds.training.engine import Trainer
         from roberta_ds.training.preflight import default_ds_config
+        from roberta_ds.training.resolve import resolve_run
 
         if args.ds_config is None:
             args.ds_config = default_ds_config(Path(__file__).resolve().parent)
             logging.info("no --deepspeed_config given: using %s (fits this device)", args.ds_config)
-        trainer = Trainer(cfg, args.ds_config, stop)
+        run = resolve_run(cfg, args.ds_config)  # every input read and checked, before any process group
+        trainer = Trainer(run, stop)  # builds: process group, data, engine, resumed state
         code = trainer.fit()
     except (InputError, RendezvousError) as e:  # one message naming the file / key / value; no traceback
         msg = f"train.py: error: {e}"

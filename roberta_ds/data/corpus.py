@@ -87,15 +87,27 @@ def builtin_corpus(cache_dir: str | Path) -> Path:
     for name, n in counts.items():
         if n == 0:
             log.warning("built-in corpus: source %s is missing (see roberta_ds/data/corpus.py)", name)
-    tmp.replace(out)
-    log.info("built-in corpus: %s documents -> %s (%.1f MB)", counts, out, out.stat().st_size / 1e6)
+    try:  # created once: a prepare that read it stamped its size and mtime (several ranks write it)
+        os.link(tmp, out)
+        log.info("built-in corpus: %s documents -> %s (%.1f MB)", counts, out, out.stat().st_size / 1e6)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
     return out
 
 
 def prepare_builtin(
-    cache_dir: str | Path, tokenizer: str, vocab_size: int, seq_len: int, progress: bool = True
+    cache_dir: str | Path,
+    tokenizer: str,
+    vocab_size: int,
+    seq_len: int,
+    progress: bool = True,
+    workers: int | None = None,
 ) -> Path:
-    """The built-in corpus prepared (once, then cached) for these settings; returns its folder."""
+    """The built-in corpus prepared (once, then cached) for these settings; returns its folder.
+    Several processes may call it at once (every rank of a run): they share the work (prepare's
+    task locks), and each returns once the dataset is complete."""
     from roberta_ds.data.prepare import prepare
 
     out = builtin_dataset_dir(cache_dir, tokenizer, vocab_size, seq_len)
@@ -114,6 +126,7 @@ def prepare_builtin(
         seq_len=seq_len,
         valid_fraction=BUILTIN_VALID_FRACTION,
         progress=progress,
+        workers=workers,
     )
 
 

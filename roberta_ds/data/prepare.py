@@ -259,7 +259,8 @@ def run_stage(stage: str, out: Path, tasks: list[Task], params: dict, workers: i
     spawned processes; a task another process holds is tried again every second (in the pool, so
     that one freed by a dead holder runs beside the rest) until it is complete."""
     done = (
-        (lambda t: T.sample_file(out, t.index).exists())
+        # the sample is removed once the tokenizer exists: then nothing is left to sample
+        (lambda t: T.sample_file(out, t.index).exists() or (out / "tokenizer_info.json").is_file())
         if stage == "sample"
         else (lambda t: T.task_dir(out, t.index).is_dir())
     )
@@ -456,7 +457,12 @@ def finalize(
     }
     part = out / f"metadata.json.{T.HOST}-{os.getpid()}"
     part.write_text(json.dumps(meta, indent=1))
-    part.replace(out / "metadata.json")
+    try:  # written once: two processes that finish together keep the first one's (timings aside, equal)
+        os.link(part, out / "metadata.json")
+    except FileExistsError:
+        meta = json.loads((out / "metadata.json").read_text())
+    finally:
+        part.unlink()
     log.info(
         "prepare: %d documents, %d tokens, %d train blocks of %d, %d tasks -> %s (%.1fs: %s)",
         report["documents"],

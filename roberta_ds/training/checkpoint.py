@@ -12,12 +12,17 @@ complete and never written again: a save that finds its step complete does nothi
 of an interrupted save cannot mix with a new one, and a kill at any point leaves the last complete
 checkpoint as it was. Pruning keeps the newest `keep_last` complete checkpoints (and their
 universal conversions).
+
+Resume is this module's alone, in two halves: `resolve_resume` (the resolve stage, before any
+process group: which checkpoint, and is it this run's precision and model) and `Checkpointer.load`
+(after the engine is built: a universal conversion when another world size saved it, then the load).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -31,8 +36,12 @@ import torch
 from roberta_ds.errors import InputError
 from roberta_ds.training.distributed import all_agree, barrier, rank0_does
 
+log = logging.getLogger("roberta_ds.train")
+
 COMPLETE = "COMPLETE"
 TMP_PREFIX = ".tmp-"
+# Settings that may change between the sessions of one run (how it runs, not what it trains).
+RUNTIME_ONLY = {"kernels", "activation_checkpointing", "num_workers", "cache_dir"}
 
 
 class CheckpointError(InputError):
@@ -230,6 +239,55 @@ def resolve(path_or_auto: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def resolve_resume(
+    resume: str | None, run_dir: Path, precision: str, ds_source: str, model: dict
+) -> Path | None:
+    """The checkpoint train.resume names (resolve), checked against this run before anything is
+    built: its precision (check_precision) and its model config, field by field."""
+    ckpt = resolve(resume, run_dir)
+    if ckpt is not None:
+        check_precision(ckpt, precision, ds_source)
+        check_resume_model(ckpt, model)
+    return ckpt
+
+
+def checkpoint_model(ckpt: Path) -> dict | None:
+    """The model config a checkpoint was trained with: its manifest, else its run's run_config.yaml."""
+    model = manifest(ckpt).get("model")
+    if model is None:
+        import yaml
+
+        saved = ckpt.parent.parent / "run_config.yaml"
+        if saved.is_file():
+            model = (yaml.safe_load(saved.read_text()) or {}).get("model")
+    return model
+
+
+def check_resume_model(ckpt: Path, model: dict) -> None:
+    """Resuming needs the same architecture, field by field (shapes alone can match while the
+    meaning differs, e.g. num_heads 4 -> 2 at one hidden size)."""
+    saved = checkpoint_model(ckpt)
+    if saved is None:
+        return
+    diff = [
+        f"model.{k}: {saved[k]!r} in the checkpoint, {model.get(k)!r} now"
+        for k in sorted(saved)
+        if k not in RUNTIME_ONLY and saved[k] != model.get(k)
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{ckpt} was trained with another model config ({'; '.join(diff)}); resume it with "
+            "its own config or start a new run"
+        )
+
+
+def needs_universal(ckpt: Path, world: int) -> bool:
+    """ZeRO shards are per rank: a checkpoint saved by another world size loads through DeepSpeed's
+    universal format (the engine's config says so: checkpoint.load_universal)."""
+    saved = saved_world_size(ckpt)
+    return bool(saved) and saved != world
+
+
 def corrupt_file(ckpt: Path) -> Path | None:
     """The first .pt file of a checkpoint that is not a readable archive (named in errors)."""
     for f in sorted(ckpt.glob("*.pt")):
@@ -326,3 +384,29 @@ def to_universal(ckpt: Path) -> Path:
     rank0_does(convert, CheckpointError)
     barrier()
     return out
+
+
+class Checkpointer:
+    """The run's checkpoints once the engine exists: when to save, save (then prune), load."""
+
+    def __init__(self, run_dir: Path, save_every: int, keep_last: int, rank: int, world: int):
+        self.run_dir, self.save_every, self.keep_last = run_dir, save_every, keep_last
+        self.rank, self.world = rank, world
+
+    def due(self, step: int, max_steps: int, nonfinite: int) -> bool:
+        """A periodic save after this step? Never on a non-finite loss (nor would `latest` move
+        there); the last step saves through the loop's own end."""
+        return bool(self.save_every) and step % self.save_every == 0 and step < max_steps and not nonfinite
+
+    def save(self, engine, step: int, state: dict, tag: str | None = None, make_latest: bool = True) -> Path:
+        return save(engine, self.run_dir, step, state, self.keep_last, self.rank, tag, make_latest)
+
+    def load(self, engine, ckpt: Path) -> dict:
+        """The client state of `ckpt` after loading it into `engine` (through its universal
+        conversion when another world size saved it: the engine was configured for that)."""
+        saved = saved_world_size(ckpt)
+        if needs_universal(ckpt, self.world):
+            ckpt = to_universal(ckpt)
+            if self.rank == 0:
+                log.info(f"resuming a {saved}-rank checkpoint on {self.world} ranks via {ckpt}")
+        return load(engine, ckpt, self.rank)

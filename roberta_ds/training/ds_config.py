@@ -18,6 +18,9 @@ class DSConfigError(InputError):
     pass
 
 
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

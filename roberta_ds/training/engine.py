@@ -1,5 +1,5 @@
-"""The training loop on DeepSpeed: check the inputs, build (data, model and weights from
-training/builders.py; AdamW and the schedule), fit, validate, checkpoint, stop on preemption.
+"""The training loop on DeepSpeed, over a run resolved by training/resolve.py and built by
+training/builders.py: fit, validate, checkpoint (training/checkpoint.py's Checkpointer), stop.
 
 The loss is fairseq's RoBERTa loss: the sum over every masked token of the global batch over their
 number (token_weights), whatever the split into ranks and accumulation steps.
@@ -10,45 +10,25 @@ Exactness: each optimizer step reseeds torch's RNG from (seed, step, rank), and 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from roberta_ds.config import RunConfig
 from roberta_ds.data.masking import IGNORE_INDEX, mlm_probability_at
 from roberta_ds.data.sampler import seq_len_at
-from roberta_ds.model import RobertaMLM
 from roberta_ds.model.roberta import flops_per_token
-from roberta_ds.training import checkpoint, ds_config, exit_status
-from roberta_ds.training.builders import (
-    build_data,
-    build_loader,
-    build_model,
-    copy_tokenizer,
-    dataset_folders,
-    for_world,
-    with_datasets,
-)
-from roberta_ds.training.distributed import (
-    all_agree,
-    device,
-    expected_local_world_size,
-    expected_rank,
-    expected_world_size,
-    init_distributed,
-)
+from roberta_ds.training import exit_status
+from roberta_ds.training.builders import build_data, build_engine, build_loader
+from roberta_ds.training.checkpoint import Checkpointer, tag_for
+from roberta_ds.training.distributed import all_agree, device, init_distributed
 from roberta_ds.training.loggers import build_loggers
 from roberta_ds.training.metrics import MetricsLog, peak_flops
 from roberta_ds.training.op_builds import ensure_built, needed_ops
-from roberta_ds.training.optim import build_optimizer, lr_lambda
 from roberta_ds.training.preemption import (
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
@@ -57,9 +37,7 @@ from roberta_ds.training.preemption import (
     stopped_message,
     watch_launcher,
 )
-from roberta_ds.training.preflight import preflight
-from roberta_ds.training.run_dir import check_resume_model, check_run_dir
-from roberta_ds.training.run_dir import lock as run_dir_lock
+from roberta_ds.training.resolve import Run
 from roberta_ds.training.watchdog import Watchdog
 
 log = logging.getLogger("roberta_ds.train")
@@ -85,118 +63,47 @@ def token_weights(num_masked_K: torch.Tensor, total_masked: torch.Tensor, world:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_config_path: str, stop: StopFlag | None = None):
-        self.cfg = cfg
-        t = cfg.train
-        # First: a stop signal that arrives while building is honoured at the first step boundary
-        # (train.py passes the flag it armed at start, so the imports before this are covered too).
-        if stop is None:
-            stop = StopFlag([], None, t.run_dir)
+    """The loop over a resolved run (resolve.py): builds it (builders.py), trains, validates, and
+    saves through its Checkpointer. Its state (step, samples, tokens) is public."""
+
+    def __init__(self, run: Run, stop: StopFlag | None = None):
+        self.run, self.cfg = run, run.cfg
+        t = run.cfg.train
+        if stop is None:  # train.py arms its flag before anything is read; in-process callers get one
+            stop = StopFlag(["SIGTERM", "SIGINT"], None, run.run_dir)
+            stop.arm([t.preempt_signal], t.time_limit_minutes)
             watch_launcher()
-        self.stop = stop
-        self.stop.arm(["SIGTERM", "SIGINT", t.preempt_signal], t.time_limit_minutes)
-        self._lock = None
-        try:
-            ds_cfg = self._check_inputs(ds_config_path)  # before any process group or model exists
-        except BaseException:
-            if self._lock is not None:  # in-process callers (tests) may go on to use the folder
-                os.close(self._lock)
-            raise
+        self.stop, self.run_dir, self.precision = stop, run.run_dir, run.precision
+        self.global_batch, self.micro_batch, self.accum = run.global_batch, run.micro_batch, run.accum
         # Before init_distributed, which loads the shm collectives: a build killed earlier left a
         # lock that torch would wait on forever; ensure_built clears it (training/op_builds.py).
-        ensure_built(needed_ops(offload=ds_config.offloads_optimizer(ds_cfg)))
+        ensure_built(needed_ops(offload=run.offload))
         self.rank, self.local_rank, self.world = init_distributed()
+        self.device = device()
         # From here on a stalled rank is named by the others (train.stall_timeout_s covers the
         # build below, the first step's compilation, evaluations and saves).
         self.watchdog = Watchdog(self.rank, self.world, t.stall_timeout_s, self.run_dir)
         self.watchdog.start()
-        self.device = device()
-        self.global_batch = ds_cfg["train_batch_size"]
-        self.micro_batch = ds_cfg["train_micro_batch_size_per_gpu"]
-        self.accum = ds_cfg["gradient_accumulation_steps"]
-        folders = dataset_folders(self.cfg)  # the built-in corpus is prepared now, by rank 0
-        if self.cfg.data.dataset == "builtin":  # its vocab and length are only known now
-            self.cfg = with_datasets(self.cfg, folders, self.global_batch)
-            if self.resume_from is not None:
-                check_resume_model(self.resume_from, dataclasses.asdict(self.cfg.model))
-        cfg = self.cfg  # resolved: from here on, no value changes
-        self.data = build_data(cfg, folders, self.global_batch)
-        self._build_engine(ds_cfg)
+        self.data = build_data(run)
+        self.engine, self.sched = build_engine(run)
+        self.checkpoints = Checkpointer(self.run_dir, t.save_every, t.keep_last, self.rank, self.world)
         self.step, self.samples, self.tokens, self.nonfinite = 0, 0, 0, 0
-        if self.resume_from is not None:
-            self._resume()
+        if run.resume is not None:
+            state = self.checkpoints.load(self.engine, run.resume)
+            self.step, self.samples = state["step"], state["samples"]
+            self.tokens, self.nonfinite = state["tokens"], state.get("nonfinite", 0)
             self.watchdog.step = self.step
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
-            copy_tokenizer(self.data.folder, self.run_dir)
+            self._log(
+                f"resumed from {run.resume} at step {self.step} (saved by {state['world_size']} "
+                f"ranks, now {self.world})"
+            )
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl",
             enabled=self.rank == 0,
             resume_step=self.step,
-            loggers=build_loggers(self.run_dir, cfg.to_dict(), self.step) if self.rank == 0 else (),
+            loggers=build_loggers(self.run_dir, self.cfg.to_dict(), self.step) if self.rank == 0 else (),
         )
         self.peak = peak_flops(self.precision, t.peak_flops)
-
-    def _check_inputs(self, ds_config_path: str) -> dict:
-        """Every check of the inputs that needs no process group; returns the engine's ds_config."""
-        ds_raw = ds_config.load_ds_config(ds_config_path)
-        ds_config.check_for_device(ds_raw, "cuda" if torch.cuda.is_available() else "cpu")
-        self.precision = ds_config.precision(ds_raw)
-        self.run_dir = Path(self.cfg.train.run_dir)
-        world = expected_world_size()
-        ds_cfg = ds_config.for_engine(ds_raw, world, self.run_dir)
-        if self.cfg.data.dataset != "builtin":  # the datasets own model.vocab_size and data.seq_len
-            self.cfg = with_datasets(self.cfg, self.cfg.data.folders, ds_cfg["train_batch_size"])
-        if expected_rank() == 0:  # held until the process exits; the OS releases it on any death
-            self._lock = run_dir_lock(self.run_dir)
-        check_run_dir(self.cfg, self.run_dir)
-        self.resume_from = checkpoint.resolve(self.cfg.train.resume, self.run_dir)
-        if self.resume_from is not None:
-            checkpoint.check_precision(self.resume_from, self.precision, ds_raw["_source"])
-        seq = self.cfg.data.seq_len
-        if self.resume_from is not None and self.cfg.data.dataset != "builtin":
-            check_resume_model(self.resume_from, dataclasses.asdict(self.cfg.model))
-        self._log(
-            preflight(
-                self.cfg.model,
-                ds_raw | ds_cfg,
-                self.precision,
-                world,
-                expected_local_world_size(),
-                seq,
-                self.cfg.data.peak_mlm_probability,  # the masked rows the head must hold at once
-            ),
-            rank=expected_rank(),
-        )
-        return ds_cfg
-
-    def _build_engine(self, ds_cfg: dict) -> RobertaMLM:
-        import deepspeed
-
-        t = self.cfg.train
-        model = build_model(self.cfg, ds_cfg)
-        opt = build_optimizer(model, t, offload=ds_config.offloads_optimizer(ds_cfg))
-        if self.resume_from is not None:
-            self.resume_from = for_world(self.resume_from, self.world, ds_cfg)
-        # The schedule is built on the optimizer DeepSpeed wraps (ZeRO regroups parameters).
-        self.engine, _, _, self.sched = deepspeed.initialize(
-            model=model,
-            optimizer=opt,
-            config=ds_cfg,
-            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(t)),
-        )
-        return model
-
-    def _resume(self) -> None:
-        state = checkpoint.load(self.engine, self.resume_from, self.rank)
-        self.step, self.samples = state["step"], state["samples"]
-        self.tokens, self.nonfinite = state["tokens"], state.get("nonfinite", 0)
-        self._log(
-            f"resumed from {self.resume_from} at step {self.step} (saved by {state['world_size']} ranks, "
-            f"now {self.world})"
-        )
 
     # ----------------------------------------------------------------------------------------
     def _log(self, msg: str, rank: int | None = None) -> None:
@@ -240,16 +147,7 @@ class Trainer:
         }
 
     def save(self, tag: str | None = None, make_latest: bool = True) -> Path:
-        path = checkpoint.save(
-            self.engine,
-            self.run_dir,
-            self.step,
-            self._state(),
-            self.cfg.train.keep_last,
-            self.rank,
-            tag=tag,
-            make_latest=make_latest,
-        )
+        path = self.checkpoints.save(self.engine, self.step, self._state(), tag, make_latest)
         self._log(f"checkpoint {path} complete")
         return path
 
@@ -260,11 +158,7 @@ class Trainer:
         if self.step >= t.max_steps:  # a finished run run again: nothing to train, nothing rewritten
             self._log(f"the run is complete at step {self.step} (train.max_steps={t.max_steps})")
             return 0
-        batches = iter(
-            build_loader(
-                self.data, self.cfg, self.global_batch, self.micro_batch, self.world, self.rank, self.samples
-            )
-        )
+        batches = iter(build_loader(self.data, self.run, self.rank, self.samples))
         self.engine.train()
         from tqdm import tqdm
 
@@ -309,13 +203,7 @@ class Trainer:
                 return self._stop_nonfinite()
             if t.eval_every and self.step % t.eval_every == 0:
                 self.evaluate()
-            # never a periodic checkpoint (nor `latest`) on a non-finite loss
-            if (
-                t.save_every
-                and self.step % t.save_every == 0
-                and self.step < t.max_steps
-                and not self.nonfinite
-            ):
+            if self.checkpoints.due(self.step, t.max_steps, self.nonfinite):
                 self.save()
         bar.close()
         if t.eval_every and self.step % t.eval_every:  # else it just ran inside the loop
@@ -341,7 +229,7 @@ class Trainer:
         """Too many non-finite losses in a row: the weights are saved aside for inspection; `latest`
         stays on the last good checkpoint and nothing is pruned, since the updates may not have been
         skipped (bf16 is not overflow-checked). Returns EXIT_NONFINITE."""
-        aside = self.save(tag=f"nonfinite_{checkpoint.tag_for(self.step)}", make_latest=False)
+        aside = self.save(tag=f"nonfinite_{tag_for(self.step)}", make_latest=False)
         self._log(
             f"stopping: {self.nonfinite} consecutive non-finite losses at step {self.step}; "
             f"weights saved aside in {aside}, latest unchanged"

@@ -1,5 +1,5 @@
-"""The run folder: one run at a time (an exclusive lock held for the run's life), never another
-run's checkpoints, and the model config of a checkpoint compared field by field on resume."""
+"""The run folder: one run at a time (an exclusive lock held for the run's life), and never another
+run's checkpoints (what a checkpoint itself was trained with is checkpoint.py's)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ import yaml
 
 from roberta_ds.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from roberta_ds.errors import RunDirInUse
-from roberta_ds.training.checkpoint import CheckpointError, manifest
+from roberta_ds.training.checkpoint import RUNTIME_ONLY
 
 LOCK_FILE = ".lock"
-# Settings that may change between the sessions of one run (how it runs, not what it trains).
-RUNTIME_ONLY = {"kernels", "activation_checkpointing", "num_workers", "cache_dir"}
 
 
 def lock(run_dir: Path) -> int:
@@ -54,12 +52,11 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         return
     old = yaml.safe_load(saved.read_text()) or {}
     new = cfg.to_dict()
-    derived = {"vocab_size"} - {k.split(".")[1] for k in cfg.stated if k.startswith("model.")}
     for section, kind in (("model", ModelConfig), ("data", DataConfig)):
         # a key the saved config lacks was added since that run started: it ran with the default
         was = {**_defaults(kind), **(old.get(section) or {})}
-        free = RUNTIME_ONLY | (derived if section == "model" else set())
-        diff = sorted(k for k in new[section] if k not in free and was.get(k) != new[section][k])
+        # both resolved: the datasets' vocab_size and seq_len count like stated values
+        diff = sorted(k for k in new[section] if k not in RUNTIME_ONLY and was.get(k) != new[section][k])
         if diff and cfg.train.resume is not None:
             raise ConfigError(
                 f"{run_dir} holds another run (its {section} differs in {diff}); pick another train.run_dir"
@@ -68,32 +65,4 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         raise ConfigError(
             f"{run_dir} already holds checkpoints; set train.resume: auto to continue that run "
             "or pick another train.run_dir"
-        )
-
-
-def checkpoint_model(ckpt: Path) -> dict | None:
-    """The model config a checkpoint was trained with: its manifest, else its run's run_config.yaml."""
-    model = manifest(ckpt).get("model")
-    if model is None:
-        saved = ckpt.parent.parent / "run_config.yaml"
-        if saved.is_file():
-            model = (yaml.safe_load(saved.read_text()) or {}).get("model")
-    return model
-
-
-def check_resume_model(ckpt: Path, model: dict) -> None:
-    """Resuming needs the same architecture, field by field (shapes alone can match while the
-    meaning differs, e.g. num_heads 4 -> 2 at one hidden size)."""
-    saved = checkpoint_model(ckpt)
-    if saved is None:
-        return
-    diff = [
-        f"model.{k}: {saved[k]!r} in the checkpoint, {model.get(k)!r} now"
-        for k in sorted(saved)
-        if k not in RUNTIME_ONLY and saved[k] != model.get(k)
-    ]
-    if diff:
-        raise CheckpointError(
-            f"{ckpt} was trained with another model config ({'; '.join(diff)}); resume it with "
-            "its own config or start a new run"
         )

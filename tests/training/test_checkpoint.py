@@ -183,7 +183,7 @@ def test_run_config_yaml_is_accepted_back_as_config(tmp_path):
 
 
 def test_resume_with_another_model_config_names_the_field(tmp_path):
-    from roberta_ds.training.run_dir import check_resume_model
+    from roberta_ds.training.checkpoint import check_resume_model
 
     path = save(FakeEngine(), tmp_path, 1, STATE, keep_last=2, rank=0)
     check_resume_model(path, {"num_heads": 2, "kernels": "triton"})
