@@ -69,7 +69,7 @@ def builtin_corpus(cache_dir: str | Path) -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f"{out.name}.tmp-{os.uname().nodename}-{os.getpid()}")  # nodes share pids
     counts = {}
     with tmp.open("w", encoding="utf-8") as f:
         for name, docs in (("kjv", kjv_documents()), ("python-docs", python_doc_documents())):

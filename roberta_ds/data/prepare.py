@@ -194,7 +194,13 @@ def _claim_folder(out: Path, settings: dict) -> None:
     """settings.json marks a folder as this prepare's (created once, O_EXCL through a link); a
     prepare with the same settings joins the work, one with other settings is refused."""
     target = out / "settings.json"
-    if not target.exists() and out.exists() and any(out.iterdir()):
+    # another process of this prepare may be between making its subfolders and linking settings.json
+    ours = {"tasks", "logs"}
+    if (
+        not target.exists()
+        and out.exists()
+        and any(p.name not in ours and not p.name.startswith("settings.json.") for p in out.iterdir())
+    ):
         raise PrepareError(f"{out} exists, is not empty and has no metadata.json; refusing to write into it")
     for sub in ("tasks", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -68,18 +68,21 @@ def sample_file(out: Path, index: int) -> Path:
 def claim(lock: Path) -> bool:
     """Take `lock` (O_EXCL) for this process. A lock whose holder is a dead process of this host is
     stale and taken over; a live or foreign holder means the work is someone else's."""
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not is_stale(lock):
-                return False
-            lock.unlink(missing_ok=True)
-            continue
-        os.write(fd, f"{HOST} {os.getpid()} {_started(os.getpid()) or ''}".strip().encode())
-        os.close(fd)
-        return True
-    return False
+    # written whole, then linked into place: no process ever reads a lock without its holder
+    part = lock.with_name(f"{lock.name}.{HOST}-{os.getpid()}")
+    part.write_text(f"{HOST} {os.getpid()} {_started(os.getpid()) or ''}".strip())
+    try:
+        for _ in range(3):
+            try:
+                os.link(part, lock)
+                return True
+            except FileExistsError:
+                if not is_stale(lock):
+                    return False
+                lock.unlink(missing_ok=True)
+        return False
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def _proc_stat(pid: int) -> list[str] | None:

@@ -21,6 +21,7 @@ import torch
 
 from roberta_ds.data.masking import IGNORE_INDEX, mlm_probability_at
 from roberta_ds.data.sampler import seq_len_at
+from roberta_ds.errors import RendezvousError
 from roberta_ds.model.roberta import flops_per_token
 from roberta_ds.training import exit_status
 from roberta_ds.training.builders import build_data, build_engine, build_loader
@@ -37,7 +38,7 @@ from roberta_ds.training.preemption import (
     stopped_message,
     watch_launcher,
 )
-from roberta_ds.training.resolve import Run
+from roberta_ds.training.resolve import Run, write_run_folder
 from roberta_ds.training.watchdog import Watchdog
 
 log = logging.getLogger("roberta_ds.train")
@@ -79,6 +80,12 @@ class Trainer:
         # lock that torch would wait on forever; ensure_built clears it (training/op_builds.py).
         ensure_built(needed_ops(offload=run.offload))
         self.rank, self.local_rank, self.world = init_distributed()
+        if self.world != run.world:  # the batch arithmetic and the resume plan used run.world
+            raise RendezvousError(
+                f"the process group has {self.world} ranks but the launcher's environment said "
+                f"{run.world} (WORLD_SIZE / OMPI_COMM_WORLD_SIZE / PMI_SIZE / SLURM_NTASKS); "
+                "set WORLD_SIZE to the real number of ranks"
+            )
         self.device = device()
         # From here on a stalled rank is named by the others (train.stall_timeout_s covers the
         # build below, the first step's compilation, evaluations and saves).
@@ -97,6 +104,8 @@ class Trainer:
                 f"resumed from {run.resume} at step {self.step} (saved by {state['world_size']} "
                 f"ranks, now {self.world})"
             )
+        if self.rank == 0:
+            write_run_folder(run)
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl",
             enabled=self.rank == 0,

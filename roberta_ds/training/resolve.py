@@ -10,7 +10,9 @@ a run from its owner once and freezes them into a `Run`:
   the checkpoint       what it was trained with (its manifest: precision, model), and whether it
                        must be loaded through DeepSpeed's universal format (another world saved it)
 
-Rank 0 then writes the run folder's run_config.yaml, ds_config.json and tokenizer/. Builders take the
+Once the engine is built and the checkpoint loaded, rank 0 writes the run folder's run_config.yaml,
+ds_config.json and tokenizer/ (write_run_folder: a session that fails before that leaves the folder
+as it was, so a retry with another config is not "another run"). Builders take the
 `Run` and build; nothing changes it afterwards. Every check here runs on every rank, so a bad input
 is one message on each, before any rank waits for another.
 """
@@ -103,7 +105,6 @@ def resolve_run(cfg: RunConfig, ds_config_path: str | Path) -> Run:
         )
         if rank == 0:
             log.info(estimate)
-            write_run_folder(run)
     except BaseException:
         if lock is not None:  # in-process callers (tests) may go on to use the folder
             os.close(lock)

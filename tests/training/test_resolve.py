@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from roberta_ds.config import load_run_config
-from roberta_ds.training.resolve import resolve_run
+from roberta_ds.training.resolve import resolve_run, write_run_folder
 from tests.data.prepared import ROOT, dataset_bytes, kjv_jsonl
 from tests.training.conftest import write_config
 
@@ -39,6 +39,9 @@ def test_the_run_is_resolved_from_its_owners_and_written_once(kjv_dataset, tmp_p
     assert run.zero_stage == ds["zero_optimization"]["stage"] and not run.offload
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.world = 1
+    # written once the engine is built: a session that fails before leaves the folder as it was
+    assert not (tmp_path / "run" / "run_config.yaml").exists()
+    write_run_folder(run)
     saved = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())
     assert saved == run.cfg.to_dict()
     assert json.loads((tmp_path / "run" / "ds_config.json").read_text()) == run.ds
