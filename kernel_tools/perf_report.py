@@ -11,7 +11,7 @@ Writes (into --out, default bench_results/):
   Triton versions already in the file are kept, so one file holds e.g. triton 3.6 and 3.9;
 - sm90_report.md: the modelled step per configuration (time, MFU, bytes moved against the minimum,
   launches per layer) and the per-kernel table of the recipe's configuration;
-- sm90_before_after.md: the recipe's step against the report of commit 8726330's kernels (BEFORE), for
+- sm90_before_after.md/.json: the recipe's step against the report of commit 8726330's kernels (BEFORE), for
   each triton version both hold; docs/kernels.md includes it (`--tables-only` rewrites it alone).
 Prints each kernel's difference against the committed report (--baseline) and, with --check, exits
 1 when a hot kernel spills, uses mma.sync without wgmma, needs more shared memory than an SM has,
@@ -218,35 +218,54 @@ def write_report(
     write_before_after(out, recipe)
 
 
-def before_after(out: Path, recipe: str) -> str | None:
-    """Markdown: the `recipe` step's figures in out/BEFORE/ and in out/, for each triton version that
-    both hold (None if none does); the commits are the reports' own."""
-    report, body, commits = read_csv(out / "sm90_report.csv"), [], []
-    half_up = doc_tables.half_up
+def before_after_rows(out: Path, recipe: str) -> list[dict]:
+    """The `recipe` step's figures in out/BEFORE/ and in out/, for each triton version that both hold
+    (oldest version first, before then after); the commits are the reports' own."""
+    report, rows = read_csv(out / "sm90_report.csv"), []
     names = [p.name for p in (out / BEFORE).glob("sm90_steps_triton*.json") if (out / p.name).is_file()]
     for name in sorted(names, key=lambda n: [int(x) for x in re.findall(r"\d+", n)]):  # 3.10 after 3.9
         version = name.removeprefix("sm90_steps_triton").removesuffix(".json")
-        commits.append(f"{version} at {next((r['commit'] for r in report if r['triton'] == version), '?')}")
+        commit = next((r["commit"] for r in report if r["triton"] == version), "?")
         for when, path in (("before", out / BEFORE / name), ("after", out / name)):
             step = next(x for x in json.loads(path.read_text()) if x["config"] == recipe)
-            moved = f"{half_up(step['moved_gb'], 1)} ({half_up(step['min_gb'], 1)})"
-            ms, mfu = half_up(step["modelled_ms"], 1), half_up(step["mfu"], 0, 100)
-            body.append([version, when, f"{ms} ms", f"{mfu}%", moved, step["launches_per_layer"]])
-    if not body:
+            rows.append({"triton": version, "kernels": when, "commit": commit, **step})
+    return rows
+
+
+def before_after(out: Path, recipe: str) -> str | None:
+    """Markdown of before_after_rows (None if there are none)."""
+    rows, half_up = before_after_rows(out, recipe), doc_tables.half_up
+    if not rows:
         return None
+    body = [
+        [
+            r["triton"],
+            r["kernels"],
+            f"{half_up(r['modelled_ms'], 1)} ms",
+            f"{half_up(r['mfu'], 0, 100)}%",
+            f"{half_up(r['moved_gb'], 1)} ({half_up(r['min_gb'], 1)})",
+            r["launches_per_layer"],
+        ]
+        for r in rows
+    ]
+    commits = [f"{r['triton']} at {r['commit']}" for r in rows if r["kernels"] == "after"]
     head = (
         f"Modelled by `python -m kernel_tools.perf_report` for an H100 (compile-time figures and model "
-        f"estimates, not measurements): one training step, {recipe}, micro-batch {step['micro_batch']}, bf16; "
-        f"before = commit {BEFORE.removeprefix('sm90_')}'s kernels (`{out.name}/{BEFORE}/`), after = the "
-        f"report's commit per triton version ({', '.join(commits)})"
+        f"estimates, not measurements): one training step, {recipe}, micro-batch {rows[0]['micro_batch']}, "
+        f"bf16; before = commit {BEFORE.removeprefix('sm90_')}'s kernels (`{out.name}/{BEFORE}/`), after = "
+        f"the report's commit per triton version ({', '.join(commits)})"
     )
     header = ["triton", "kernels", "modelled step", "MFU", "GB moved (min at the interface)"]
     return head + "\n\n" + doc_tables.table([*header, "launches per layer"], body)
 
 
 def write_before_after(out: Path, recipe: str) -> Path | None:
+    """sm90_before_after.json (read by the README's headline table) and .md (included by docs/kernels.md)."""
     text = before_after(out, recipe)
-    return doc_tables.publish(out / "sm90_before_after.md", text) if text else None
+    if not text:
+        return None
+    (out / "sm90_before_after.json").write_text(json.dumps(before_after_rows(out, recipe), indent=1) + "\n")
+    return doc_tables.publish(out / "sm90_before_after.md", text)
 
 
 def markdown(rows: list[dict], summaries: list[dict], recipe: str) -> str:
@@ -305,7 +324,9 @@ def main(argv=None) -> int:
         "--calibrate", action="store_true", help="CUDA only: measured against modelled per kernel"
     )
     ap.add_argument(
-        "--tables-only", action="store_true", help="only rewrite sm90_before_after.md from --out's files"
+        "--tables-only",
+        action="store_true",
+        help="only rewrite sm90_before_after.md/.json from --out's files",
     )
     args = ap.parse_args(argv)
     steps = configs(args.ds_config, args.presets, args.seq_lens)

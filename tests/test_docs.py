@@ -42,9 +42,36 @@ def test_committed_tables_are_what_their_benchmarks_render_from_the_committed_ou
 
     out = tmp_path / "bench_results"
     shutil.copytree(doc_tables.ROOT / "bench_results", out)
-    for md in ("scaling.md", "sm90_before_after.md"):
+    for md in ("scaling.md", "sm90_before_after.md", "sm90_before_after.json"):
         (out / md).unlink()
     assert bench.main(["scaling", "--tables-only", "--csv", str(out / "scaling.csv")]) == 0
     assert perf_report.main(["--tables-only", "--out", str(out)]) == 0
-    for md in ("scaling.md", "sm90_before_after.md"):
+    for md in ("scaling.md", "sm90_before_after.md", "sm90_before_after.json"):
         assert (out / md).read_text() == (doc_tables.ROOT / "bench_results" / md).read_text(), md
+
+
+def test_the_headline_table_is_rendered_from_the_latest_outputs(tmp_path):
+    """README's headline figures come from the benchmarks' outputs: the same outputs give the committed
+    table, a new run's figure replaces the old one, and a missing output drops its row."""
+    import csv
+    import shutil
+
+    shutil.copytree(doc_tables.ROOT / "bench_results", tmp_path / "bench_results")
+    (tmp_path / "README.md").write_text(f"<!-- include: {doc_tables.HEADLINE} -->\n<!-- end include -->\n")
+    doc_tables.sync(tmp_path)
+    committed = (doc_tables.ROOT / doc_tables.HEADLINE).read_text()
+    assert (tmp_path / doc_tables.HEADLINE).read_text() == committed
+    assert committed in (tmp_path / "README.md").read_text()
+
+    path = tmp_path / "bench_results" / "data_100mb.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    new = [dict(r, date="2099-01-01T00:00:00Z") for r in rows if r["date"] == rows[-1]["date"]]
+    next(r for r in new if r["method"].endswith(", 1 worker(s)"))["tokens_per_s"] = "1234567.8"
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(rows[0])).writerows(new)
+    (tmp_path / "bench_results" / "scaling.csv").unlink()
+    assert doc_tables.sync(tmp_path, check=True) == [tmp_path / doc_tables.HEADLINE, tmp_path / "README.md"]
+    doc_tables.sync(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert "1235K tokens/s on 1 worker" in readme and "ZeRO-1" not in readme

@@ -7,11 +7,17 @@ lines between
 are that file's text as its benchmark last wrote it. A benchmark that writes a .md calls sync()
 after, so a re-measurement is one command; `python -m roberta_ds.benchmarks.doc_tables --check`
 (and tests/test_docs.py) fails when a doc quotes an older output.
+
+README's headline table (bench_results/headline.md) is rendered here, by sync(), from the outputs
+the benchmarks write (sm90_before_after.json, scaling.csv, data_100mb.csv, data_4gb.csv): a headline
+figure is always the one its benchmark last wrote.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import re
 import sys
 from decimal import ROUND_HALF_UP, Decimal
@@ -31,27 +37,38 @@ def docs(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-def render(text: str, root: Path, where: Path) -> str:
-    """`text` with every include region's body replaced by its file's current text."""
+def render(text: str, root: Path, where: Path, generated: dict[str, str] | None = None) -> str:
+    """`text` with every include region's body replaced by its file's current text (or, for a path in
+    `generated`, the text it is about to have)."""
 
     def body(m: re.Match) -> str:
         src = root / m["path"]
-        if not src.is_file():
+        if m["path"] in (generated or {}):
+            content = generated[m["path"]]
+        elif src.is_file():
+            content = src.read_text()
+        else:
             raise IncludeError(f"{where}: includes {m['path']}, which does not exist")
-        content = src.read_text()
         return m["open"] + content + ("" if content.endswith("\n") else "\n") + m["close"]
 
     return INCLUDE.sub(body, text)
 
 
 def sync(root: Path = ROOT, check: bool = False) -> list[Path]:
-    """Bring every doc's include regions up to date (or, with check, only list the stale docs)."""
-    stale = []
+    """Bring bench_results/headline.md (when a doc includes it) and every doc's include regions up to
+    date (or, with check, only list the stale files)."""
+    stale, head, generated = [], root / HEADLINE, {}
+    if any(f"<!-- include: {HEADLINE} -->" in d.read_text() for d in docs(root) if d.is_file()):
+        generated[HEADLINE] = headline(root)
+        if not head.is_file() or head.read_text() != generated[HEADLINE]:
+            stale.append(head)
+            if not check:
+                head.write_text(generated[HEADLINE])
     for doc in docs(root):
         if not doc.is_file():
             continue
         text = doc.read_text()
-        new = render(text, root, doc)
+        new = render(text, root, doc, generated)
         if new != text:
             stale.append(doc)
             if not check:
@@ -67,6 +84,104 @@ def publish(path: Path, text: str) -> Path:
     if path.resolve().is_relative_to(ROOT):
         sync()
     return path
+
+
+HEADLINE = "bench_results/headline.md"
+GPU_ROW = [
+    "measured kernel and end-to-end speed on a GPU",
+    "not yet measured: no GPU has been lent to a session so far; `scripts/gpu_suite.sh` measures it all "
+    "in one call",
+    "[docs/performance.md](docs/performance.md)",
+]
+
+
+def headline(root: Path = ROOT) -> str:
+    """README's headline table from the benchmarks' outputs under root/bench_results (a row whose
+    output is missing is left out)."""
+    res, rows = root / "bench_results", []
+    if (res / "sm90_before_after.json").is_file():
+        rows.append(_step_row(json.loads((res / "sm90_before_after.json").read_text())))
+    if (res / "scaling.csv").is_file():
+        rows.append(_scaling_row(_latest(res / "scaling.csv", "commit")))
+    rows.append(GPU_ROW)
+    if (res / "data_100mb.csv").is_file():
+        big = _latest(res / "data_4gb.csv", "date") if (res / "data_4gb.csv").is_file() else []
+        rows.append(_data_row(_latest(res / "data_100mb.csv", "date"), big))
+    return table(["what", "figure", "where"], rows)
+
+
+def _latest(path: Path, key: str) -> list[dict]:
+    """The CSV's rows of its latest run: the trailing rows with the last row's `key`."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if r[key] == rows[-1][key]] if rows else []
+
+
+def _step_row(rows: list[dict]) -> list[str]:
+    after = [r for r in rows if r["kernels"] == "after"]
+    before, first = rows[0], after[0]  # the oldest triton: what the GPU machines run
+    figs = [
+        f"{half_up(r['modelled_ms'], 1)} ms, {half_up(r['mfu'], 0, 100)}% MFU (triton {r['triton']})"
+        for r in after
+    ]
+    return [
+        f"modelled training step, {first['preset']}, seq {first['seq_len']}, "
+        f"micro-batch {first['micro_batch']}, H100 bf16",
+        f"{'; '.join(figs)}; {half_up(before['modelled_ms'], 1)} ms before the kernels' second version; a "
+        "compile-time model, not a measurement",
+        "[docs/kernels.md](docs/kernels.md)",
+    ]
+
+
+def _scaling_row(rows: list[dict]) -> list[str]:
+    base = {int(r["gpus"]): r for r in rows if r["preset"] == "base" and r["zero"] == "1"}
+    gpus = [g for g in (8, 64) if g in base]
+    figs = " / ".join(f"{half_up(base[g]['tokens_per_s_per_gpu'], 0, '0.001')}K" for g in gpus)
+    return [
+        f"modelled tokens/s per GPU, base, {' / '.join(map(str, gpus))} GPUs, ZeRO-1",
+        f"{figs} (estimates)",
+        "[docs/performance.md](docs/performance.md)",
+    ]
+
+
+def _data_row(rows: list[dict], big: list[dict]) -> list[str]:
+    one = next(r for r in rows if r["method"].endswith(", 1 worker(s)"))
+    prepares = [
+        r for r in rows if r["method"].startswith("roberta-ds prepare, ") and "rerun" not in r["method"]
+    ]
+    many = max(prepares, key=lambda r: int(r["workers"]))
+    s, n = one, many["workers"]  # every row carries the run's summary
+
+    def k(r: dict) -> str:
+        return f"{half_up(r['tokens_per_s'], 0, '0.001')}K"
+
+    pool = f", pool utilisation {half_up(s['pool_utilisation'], 2)}" if s.get("pool_utilisation") else ""
+    figure = [
+        f"{half_up(one['corpus_mb'], 0)} MB: {k(one)} tokens/s on 1 worker, {k(many)} on {n} "
+        f"({half_up(s['efficiency'], 2)} efficient{pool})",
+        f"serial fraction {half_up(s['serial_fraction'], 2)} (Amdahl at 160 GB: "
+        f"{half_up(s['efficiency_64_160gb'], 2)} efficient at 64 workers)",
+    ]
+    if s.get("vs_run_mlm_per_worker"):
+        vs = f"{half_up(s['vs_run_mlm_per_worker'], 1)}x `datasets.map` + `group_texts`"
+        if s.get("vs_datatrove_per_worker"):
+            vs += f" and {half_up(s['vs_datatrove_per_worker'], 2)}x datatrove's tokenizer step"
+        figure.append(vs + " per worker")
+    if s.get("resume_cost"):
+        figure.append(f"a rerun after SIGKILL at 60% costs {half_up(s['resume_cost'], 2)} of a full run")
+    ours = [[r for r in rs if r["method"].startswith("roberta-ds prepare")] for rs in (rows, big)]
+    peak = [(max(float(r["peak_rss_gb_per_process"]) for r in rs), rs[0]["corpus_mb"]) for rs in ours if rs]
+    rss = [f"{half_up(gb, 2)} GB at {_size(mb)}" for gb, mb in peak]
+    figure.append("peak RSS per process " + ", ".join(rss))
+    return [
+        f"data prepare, real sentences, {one['tokenizer']} tokenizer, {one['device']}",
+        "; ".join(figure),
+        "[bench_results/data_100mb.md](bench_results/data_100mb.md), [docs/data.md](docs/data.md#measured)",
+    ]
+
+
+def _size(mb: str) -> str:
+    return f"{half_up(float(mb) / 1000, 1)} GB" if float(mb) >= 1000 else f"{half_up(mb, 0)} MB"
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from roberta_ds.config import MIN_BPE_VOCAB
+from roberta_ds.data import locks
 from roberta_ds.data import tasks as T
 from roberta_ds.data.progress import Progress
 from roberta_ds.data.readers import PrepareError, Task, list_inputs, plan_tasks
@@ -37,6 +38,7 @@ from roberta_ds.data.tokenizer import check_roberta_layout, load_tokenizer, trai
 __all__ = ["PrepareError", "prepare", "token_dtype", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
+WAIT_NOTE_S = 60  # a wait on another process's lock longer than this is named in the log
 
 FORMAT_VERSION = 2  # 1: one folder of {split}_{k}.bin shards written all at once (still read)
 TASK_BYTES = 128 << 20  # a plain file larger than this is cut into ranges: tasks of ~30 s on a core
@@ -272,9 +274,15 @@ def run_stage(stage: str, out: Path, tasks: list[Task], params: dict, workers: i
     )
     todo = [t for t in tasks if not done(t)]
     bar.start(stage, tasks, todo)
+    waiting = Waiting()
+
+    def wait_for(t: Task) -> None:
+        waiting.note(f"{stage} task {t.index}", T.lock_file(out, stage, t.index))
+
     if workers <= 1 or len(todo) <= 1:
         busy = [t for t in todo if _run_one(stage, out, t, params, bar) == "busy"]
         while busy:  # held by another process (another prepare, or an array task)
+            [wait_for(t) for t in busy]
             time.sleep(1)
             busy = [t for t in busy if not done(t) and _run_one(stage, out, t, params, bar) == "busy"]
     elif todo:
@@ -293,6 +301,7 @@ def run_stage(stage: str, out: Path, tasks: list[Task], params: dict, workers: i
                     for f in finished:
                         if f.result() == "busy":  # raises a worker's PrepareError here
                             busy[f.task] = time.time()
+                            wait_for(f.task)
                     for t, since in list(busy.items()):
                         if done(t):
                             del busy[t]
@@ -306,6 +315,24 @@ def run_stage(stage: str, out: Path, tasks: list[Task], params: dict, workers: i
                 ex.shutdown(wait=True, cancel_futures=True)  # running tasks finish: nothing is lost
                 raise
     bar.close()
+
+
+class Waiting:
+    """Names the holder of a lock this process has waited on for WAIT_NOTE_S, once per lock: a wait
+    for another process (another prepare, an array task, a dead node's lock) is never silent."""
+
+    def __init__(self) -> None:
+        self.since: dict[Path, float] = {}
+
+    def note(self, what: str, lock: Path) -> None:
+        since = self.since.setdefault(lock, time.time())
+        if since and time.time() - since >= WAIT_NOTE_S:
+            self.since[lock] = 0.0
+            log.warning(
+                "prepare: waiting for %s, held by %s (%s). A holder on another host that is silent for "
+                "%.0f s is taken over (ROBERTA_DS_LOCK_STALE_S)",
+                what, lock, locks.describe(lock), locks.STALE_S,
+            )  # fmt: skip
 
 
 def _run_one(stage: str, out: Path, t: Task, params: dict, bar: Progress) -> str:
@@ -333,16 +360,14 @@ def _tokenizer_stage(out, tokenizer, vocab_size, settings, tasks, mine, workers,
         # group never waits for a group that Slurm has not started (arrays throttled with %N)
         run_stage("sample", out, tasks, params, workers, bar)
         clock.lap("sample")
-    lock = out / "tokenizer.lock"
+    lock, waiting = out / "tokenizer.lock", Waiting()
     while not info_path.is_file():
-        if not T.claim(lock):
-            time.sleep(1)
-            continue
-        try:
-            if not info_path.is_file():
+        with locks.held(lock) as ours:
+            if ours and not info_path.is_file():
                 _make_tokenizer(out, tokenizer, vocab_size, settings, tasks)
-        finally:
-            lock.unlink(missing_ok=True)
+        if not ours:
+            waiting.note("the tokenizer", lock)
+            time.sleep(1)
     clock.lap("tokenizer")
     return json.loads(info_path.read_text())
 
@@ -467,6 +492,9 @@ def finalize(
         os.link(part, out / "metadata.json")
     except FileExistsError:
         meta = json.loads((out / "metadata.json").read_text())
+    else:  # every task is complete: what is left of a dead holder's work (another host's) is litter
+        for junk in (out / "tasks").glob("task_*.tokenize.tmp-*"):
+            shutil.rmtree(junk, ignore_errors=True)
     finally:
         part.unlink()
     log.info(

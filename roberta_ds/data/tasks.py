@@ -3,7 +3,7 @@
 Layout under the dataset folder (see docs/data.md):
   tasks/task_00042/                 train.bin, valid.bin (token streams: doc + </s>, ...),
                                     {split}_doc_offsets.npy (int64 document starts), manifest.json
-  tasks/task_00042.lock             "host pid" of the process working on it (O_EXCL)
+  tasks/task_00042.tokenize.lock    "host pid start" of the process working on it (locks.py)
   tasks/task_00042.tmp-host-pid/    work in progress, renamed to task_00042/ when complete
   sample/task_00042.jsonl           the tokenizer-training sample of the task ([hash, text] lines)
   logs/task_00042.log               one line per attempt and per completion
@@ -18,15 +18,15 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
+from roberta_ds.data import locks
+from roberta_ds.data.locks import HOST
 from roberta_ds.data.readers import Task, TaskReader
 
-HOST = socket.gethostname()
 SPLIT_KEY = b"roberta-ds-valid"  # hash keys: the split and the tokenizer sample are independent draws
 SAMPLE_KEY = b"roberta-ds-sample"
 BATCH_CHARS = 4 << 20  # characters per encode_batch call: bounds the worker's memory
@@ -61,65 +61,8 @@ def sample_file(out: Path, index: int) -> Path:
     return out / "sample" / f"task_{index:05d}.jsonl"
 
 
-# --------------------------------------------------------------------------------------------
-# Claiming work
-
-
-def claim(lock: Path) -> bool:
-    """Take `lock` (O_EXCL) for this process. A lock whose holder is a dead process of this host is
-    stale and taken over; a live or foreign holder means the work is someone else's."""
-    # written whole, then linked into place: no process ever reads a lock without its holder
-    part = lock.with_name(f"{lock.name}.{HOST}-{os.getpid()}")
-    part.write_text(f"{HOST} {os.getpid()} {_started(os.getpid()) or ''}".strip())
-    try:
-        for _ in range(3):
-            try:
-                os.link(part, lock)
-                return True
-            except FileExistsError:
-                if not is_stale(lock):
-                    return False
-                lock.unlink(missing_ok=True)
-        return False
-    finally:
-        part.unlink(missing_ok=True)
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat's fields from the state on (field 3), or None: no such process, or no /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()
-
-
-def _started(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (with the pid, it names one process)."""
-    fields = _proc_stat(pid)
-    return fields[19] if fields else None
-
-
-def is_stale(lock: Path) -> bool:
-    """Whether the holder written in `lock` ("host pid [start]") is dead. A killed process can
-    linger for a moment as a zombie, and its pid can be reused later: both count as dead, by the
-    process state and start time in /proc (Linux); elsewhere by signal 0."""
-    try:
-        host, pid, *start = lock.read_text().split()
-    except (FileNotFoundError, ValueError):
-        return True  # gone, or cut short by a kill between create and write
-    if host != HOST:
-        return False  # cannot tell from here: a dead node's lock is removed by hand (docs/data.md)
-    if Path("/proc/self/stat").is_file():
-        fields = _proc_stat(int(pid))
-        return fields is None or fields[0] in "ZX" or (bool(start) and fields[19] != start[0])
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+def lock_file(out: Path, stage: str, index: int) -> Path:
+    return (out / "sample" if stage == "sample" else out / "tasks") / f"task_{index:05d}.{stage}.lock"
 
 
 def _finish(tmp: Path, final: Path) -> None:
@@ -144,23 +87,34 @@ def run(stage: str, out: str, task: dict, params: dict) -> str:
     final = sample_file(out_p, t.index) if stage == "sample" else task_dir(out_p, t.index)
     if final.exists():
         return "done"
-    lock = final.with_name(final.name.split(".")[0] + f".{stage}.lock")
-    if not claim(lock):
-        return "busy"
-    try:
+    stem, lock = final.name.split(".")[0], lock_file(out_p, stage, t.index)
+
+    def taken_over(holder: str) -> None:
+        why = f"dead, or silent for {locks.STALE_S:.0f} s"
+        _log(out_p, t.index, f"{stage} lock taken over from {holder!r} ({why})")
+
+    with locks.held(lock, on_takeover=taken_over) as ours:
+        if not ours:
+            return "busy"
         if final.exists():
             return "done"
-        for old in final.parent.glob(f"{final.name.split('.')[0]}.{stage}.tmp-*"):
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        tmp = final.with_name(f"{final.name.split('.')[0]}.{stage}.tmp-{HOST}-{os.getpid()}")
+        for old in final.parent.glob(f"{stem}.{stage}.tmp-*"):
+            if _abandoned(old.name.rsplit(".tmp-", 1)[1]):  # a live holder's (two holders) is its own
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        tmp = final.with_name(f"{stem}.{stage}.tmp-{HOST}-{os.getpid()}")
         _log(out_p, t.index, f"{stage} start {t.source} bytes [{t.start}, {t.end})")
         t0 = time.time()
         summary = _sample(t, tmp, params) if stage == "sample" else _tokenize(t, tmp, params)
         _finish(tmp, final)
         _log(out_p, t.index, f"{stage} done in {time.time() - t0:.2f}s: {summary}")
         return "done"
-    finally:
-        lock.unlink(missing_ok=True)
+
+
+def _abandoned(holder: str) -> bool:
+    """Whether a temp folder's "host-pid" is this process's (an earlier attempt) or a dead one's of
+    this host. Another host's are left to finalize (once every task is complete, nothing works in them)."""
+    host, _, pid = holder.rpartition("-")
+    return host == HOST and pid.isdigit() and (int(pid) == os.getpid() or locks.dead(int(pid)))
 
 
 def _sample(t: Task, tmp: Path, params: dict) -> str:
