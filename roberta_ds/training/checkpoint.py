@@ -401,12 +401,17 @@ class Checkpointer:
     def save(self, engine, step: int, state: dict, tag: str | None = None, make_latest: bool = True) -> Path:
         return save(engine, self.run_dir, step, state, self.keep_last, self.rank, tag, make_latest)
 
+    def loadable(self, ckpt: Path) -> Path:
+        """`ckpt` as this world loads it: converted once to DeepSpeed's universal format when another
+        world size saved it (the engine is configured for that by resolve). Called before the engine
+        is built, so that the conversion's host memory never adds to the engine's."""
+        if not needs_universal(ckpt, self.world):
+            return ckpt
+        out = to_universal(ckpt)
+        if self.rank == 0:
+            log.info(f"resuming a {saved_world_size(ckpt)}-rank checkpoint on {self.world} ranks via {out}")
+        return out
+
     def load(self, engine, ckpt: Path) -> dict:
-        """The client state of `ckpt` after loading it into `engine` (through its universal
-        conversion when another world size saved it: the engine was configured for that)."""
-        saved = saved_world_size(ckpt)
-        if needs_universal(ckpt, self.world):
-            ckpt = to_universal(ckpt)
-            if self.rank == 0:
-                log.info(f"resuming a {saved}-rank checkpoint on {self.world} ranks via {ckpt}")
+        """The client state of `ckpt` (as `loadable` gave it) after loading it into `engine`."""
         return load(engine, ckpt, self.rank)

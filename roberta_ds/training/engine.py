@@ -91,12 +91,13 @@ class Trainer:
         # build below, the first step's compilation, evaluations and saves).
         self.watchdog = Watchdog(self.rank, self.world, t.stall_timeout_s, self.run_dir)
         self.watchdog.start()
+        self.checkpoints = Checkpointer(self.run_dir, t.save_every, t.keep_last, self.rank, self.world)
+        resume = self.checkpoints.loadable(run.resume) if run.resume is not None else None
         self.data = build_data(run)
         self.engine, self.sched = build_engine(run)
-        self.checkpoints = Checkpointer(self.run_dir, t.save_every, t.keep_last, self.rank, self.world)
         self.step, self.samples, self.tokens, self.nonfinite = 0, 0, 0, 0
-        if run.resume is not None:
-            state = self.checkpoints.load(self.engine, run.resume)
+        if resume is not None:
+            state = self.checkpoints.load(self.engine, resume)
             self.step, self.samples = state["step"], state["samples"]
             self.tokens, self.nonfinite = state["tokens"], state.get("nonfinite", 0)
             self.watchdog.step = self.step

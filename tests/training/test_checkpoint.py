@@ -240,3 +240,20 @@ def test_resume_from_a_folder_that_never_held_a_checkpoint_says_so(tmp_path):
     cut.mkdir(parents=True)
     with pytest.raises(CheckpointError, match="the save was interrupted"):
         resolve(str(cut), tmp_path / "other")
+
+
+def test_loadable_converts_only_another_worlds_checkpoint(tmp_path, monkeypatch):
+    """The Trainer asks for the loadable path before it builds the engine (the conversion's host
+    memory never adds to the engine's); only a checkpoint of another world size is converted."""
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    for r in (0, 1):
+        (ckpt / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").touch()
+    converted = []
+    monkeypatch.setattr(
+        checkpoint, "to_universal", lambda c: converted.append(c) or c.parent / "universal" / c.name
+    )
+    assert checkpoint.Checkpointer(tmp_path, 0, 1, rank=0, world=2).loadable(ckpt) == ckpt
+    assert converted == []
+    out = checkpoint.Checkpointer(tmp_path, 0, 1, rank=0, world=1).loadable(ckpt)
+    assert converted == [ckpt] and out == tmp_path / "checkpoints" / "universal" / "step_00000004"
