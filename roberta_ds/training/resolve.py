@@ -72,6 +72,7 @@ def resolve_run(cfg: RunConfig, ds_config_path: str | Path) -> Run:
         ds_config.check_for_device(ds_raw, "cuda" if torch.cuda.is_available() else "cpu")
         precision = ds_config.precision(ds_raw)
         ds = ds_config.for_engine(ds_raw, world, run_dir)
+        zero_stage, offload = ds_config.zero_stage(ds), ds_config.offloads_optimizer(ds)
         folders = dataset_folders(cfg, local_world, show_progress=rank == 0)
         cfg = with_datasets(cfg, folders, ds["train_batch_size"])
         check_run_dir(cfg, run_dir)
@@ -99,8 +100,8 @@ def resolve_run(cfg: RunConfig, ds_config_path: str | Path) -> Run:
             tuple(folders),
             resume,
             *(ds[k] for k in ds_config.BATCH_KEYS),  # global, micro, accumulation
-            zero_stage=ds_config.zero_stage(ds),
-            offload=ds_config.offloads_optimizer(ds),
+            zero_stage=zero_stage,
+            offload=offload,
             lock=lock,
         )
         if rank == 0:
