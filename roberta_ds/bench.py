@@ -1,11 +1,13 @@
-"""python -m roberta_ds.bench {data,e2e,convergence,scaling,comms}: benchmarks and models that write
-their rows (device, versions, commit) to CSV/JSON. Kernel benchmarks live in `python -m kernel_tools.bench`.
+"""python -m roberta_ds.bench {data,e2e,convergence,scaling,comms,quickstart}: benchmarks and models
+that write their rows (device, versions, commit) to CSV/JSON. Kernel benchmarks live in
+`python -m kernel_tools.bench`.
 
 - data: prepare's tokens/s and bytes per token against the run_mlm.py way
 - e2e: end-to-end training throughput / MFU: ours (triton, torch) vs transformers
 - convergence: ours vs transformers' model, same initial weights and batches, loss curves
 - scaling: ZeRO 1/2/3 communication, memory and step time from 8 to 512 GPUs (a model, no GPU)
 - comms: DeepSpeed's comms logger against the scaling model's bytes (run under torchrun)
+- quickstart: the README's main job as a user runs it; README quotes its figures and tables
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ COMMANDS = {  # name -> (module in roberta_ds.benchmarks, help)
     "convergence": ("convergence", "loss curves: ours vs transformers from the same weights and batches"),
     "scaling": ("scaling", "ZeRO 1/2/3 comms, memory and step time from 8 to 512 GPUs (modelled)"),
     "comms": ("comms_check", "DeepSpeed's comms logger against the scaling model (under torchrun)"),
+    "quickstart": ("quickstart", "the README's main job as a user runs it: README's Quickstart figures"),
 }
 
 
