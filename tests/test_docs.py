@@ -75,3 +75,18 @@ def test_the_headline_table_is_rendered_from_the_latest_outputs(tmp_path):
     doc_tables.sync(tmp_path)
     readme = (tmp_path / "README.md").read_text()
     assert "1235K tokens/s on 1 worker" in readme and "ZeRO-1" not in readme
+
+
+def test_the_quickstart_figures_are_what_its_bench_renders_from_the_committed_json():
+    """README's Quickstart figures and tables are bench_results/quickstart.md: what
+    `python -m roberta_ds.bench quickstart --tables-only` renders from the committed JSON."""
+    import json
+
+    from roberta_ds.benchmarks import quickstart
+
+    res = doc_tables.ROOT / "bench_results"
+    assert (
+        quickstart.markdown(json.loads((res / "quickstart.json").read_text()))
+        == (res / "quickstart.md").read_text()
+    )
+    assert "<!-- include: bench_results/quickstart.md -->" in (doc_tables.ROOT / "README.md").read_text()

@@ -61,3 +61,20 @@ def test_quickstart_prints_the_tables_and_keeps_the_logs(quickstart):
     history = wandb_history(run)
     assert sorted(s for s, h in history.items() if "valid/valid_accuracy" in h) == [600, 1200, 1800]
     assert "train/loss" in history[1800]
+
+
+def test_the_quickstart_bench_reads_the_run_as_the_command_prints_it(quickstart):
+    """`python -m roberta_ds.bench quickstart` (README's figures) reads this run: its tables are the
+    ones the command printed, from the subset of the results it keeps."""
+    from roberta_ds.benchmarks import quickstart as bench
+
+    run, out = quickstart
+    info = {"date": "now", "commit": "abc1234", "torch": "2.x", "load_at_start": 0.0}
+    m = bench.summarise(run, out, 456.0, info)
+    assert [s for s, _ in m["valid_accuracy"]] == [600, 1200, 1800]
+    assert m["ds_config"].startswith("ds_configs/cpu_quickstart") and m["train_seconds"] > 0
+    assert m["loss_last"] < m["loss_first"] and m["tokens_per_s_median"] > 0
+    md = bench.markdown(m)
+    assert "7 min 36 s for the whole command" in md
+    tables = md.split("gets wrong:\n\n", 1)[1].strip()
+    assert tables in out
