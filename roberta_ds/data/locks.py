@@ -59,12 +59,12 @@ def is_stale(lock: Path, now: float | None = None) -> bool:
     this host's)."""
     try:
         host, pid, *start = lock.read_text().split()
-        touched = lock.stat().st_mtime
+        pid, touched = int(pid), lock.stat().st_mtime
     except (FileNotFoundError, ValueError):
-        return True  # gone, or a lock from before locks were written whole, cut short by a kill
+        return True  # gone, or not a holder's line (a lock cut short by a kill, before locks were whole)
     if host != HOST:
         return (time.time() if now is None else now) - touched > STALE_S
-    return dead(int(pid), start[0] if start else None)
+    return dead(pid, start[0] if start else None)
 
 
 def dead(pid: int, start: str | None = None) -> bool:
@@ -83,10 +83,11 @@ def dead(pid: int, start: str | None = None) -> bool:
 
 
 def describe(lock: Path) -> str:
-    """The holder and the heartbeat's age, for a message: 'host node3 pid 4242, touched 12 s ago'."""
+    """The holder and the heartbeat's age, for a message: 'host node3 pid 4242, touched 12 s ago' (the
+    age on this host's clock, which may differ from the filesystem's by a little)."""
     try:
         host, pid, *_ = lock.read_text().split()
-        age = time.time() - lock.stat().st_mtime
+        age = max(0.0, time.time() - lock.stat().st_mtime)
     except (FileNotFoundError, ValueError):
         return "no holder now"
     return f"host {host} pid {pid}, touched {age:.0f} s ago"
@@ -104,7 +105,8 @@ def claim(lock: Path, on_takeover: Callable[[str], None] | None = None) -> bool:
                 os.link(part, lock)
                 return True
             except FileExistsError:
-                pass
+                if part.stat().st_nlink == 2:  # linked after all (NFS: a retried link whose reply was lost)
+                    return True
             try:
                 seen, inode = lock.read_text(), lock.stat().st_ino
             except FileNotFoundError:
@@ -166,7 +168,7 @@ def held(lock: Path, on_takeover: Callable[[str], None] | None = None) -> Iterat
 
 def _heartbeat(lock: Path, stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
-        try:
+        # a miss (the lock moved away for a moment by a waiter's takeover check, a filesystem hiccup)
+        # must not end the heartbeat: the next beat touches it again
+        with suppress(OSError):
             os.utime(lock)
-        except FileNotFoundError:
-            return

@@ -331,7 +331,7 @@ class Waiting:
             log.warning(
                 "prepare: waiting for %s, held by %s (%s). A holder on another host that is silent for "
                 "%.0f s is taken over (ROBERTA_DS_LOCK_STALE_S)",
-                what, lock, locks.describe(lock), locks.STALE_S,
+                what, locks.describe(lock), lock, locks.STALE_S,
             )  # fmt: skip
 
 
@@ -391,21 +391,28 @@ def _sample_texts(out: Path, tasks: list[Task], budget: int):
 
 
 def _make_tokenizer(out: Path, tokenizer: str, vocab_size: int, settings: dict, tasks: list[Task]) -> None:
-    tmp = out / f"tokenizer.tmp-{T.HOST}-{os.getpid()}"
-    shutil.rmtree(out / "tokenizer", ignore_errors=True)  # a kill between the two renames below
-    if tokenizer == "train":
-        tok = train_bpe(_sample_texts(out, tasks, settings["tokenizer_sample_bytes"]), vocab_size)
-    else:
+    """tokenizer/, then tokenizer_info.json (the completion mark). Safe with a second holder of the
+    tokenizer lock (one taken over from a holder thought dead, locks.py): tokenizer/ is published by
+    one rename, so it is complete, and is never replaced; whoever comes later uses it."""
+    final = out / "tokenizer"
+    if (out / "tokenizer_info.json").is_file():
+        return
+    if not final.is_dir():
         try:
-            tok = load_tokenizer(tokenizer)
-        except (OSError, ValueError, ImportError) as e:
-            raise PrepareError(f"--tokenizer {tokenizer}: {type(e).__name__}: {str(e)[:300]}") from None
-    try:
-        check_roberta_layout(tok)
-    except ValueError as e:
-        raise PrepareError(f"--tokenizer {tokenizer}: {e}") from None
-    tok.save_pretrained(tmp)
-    tmp.rename(out / "tokenizer")
+            tok = _new_tokenizer(out, tokenizer, vocab_size, settings, tasks)
+        except FileNotFoundError:  # the sample, removed by another holder that has finished
+            if not final.is_dir():
+                raise
+        else:
+            tmp = out / f"tokenizer.tmp-{T.HOST}-{os.getpid()}"
+            tok.save_pretrained(tmp)
+            try:
+                tmp.rename(final)
+            except OSError:  # published meanwhile by another holder: the same tokenizer
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not final.is_dir():
+                    raise
+    tok = load_tokenizer(str(final))  # the published one, whoever published it
     info = {
         "vocab_size": len(tok),
         "dtype": np.dtype(token_dtype(len(tok))).name,
@@ -422,6 +429,21 @@ def _make_tokenizer(out: Path, tokenizer: str, vocab_size: int, settings: dict, 
     part.write_text(json.dumps(info, indent=1))
     part.replace(out / "tokenizer_info.json")
     shutil.rmtree(out / "sample", ignore_errors=True)  # read by nobody once the tokenizer exists
+
+
+def _new_tokenizer(out: Path, tokenizer: str, vocab_size: int, settings: dict, tasks: list[Task]):
+    if tokenizer == "train":
+        tok = train_bpe(_sample_texts(out, tasks, settings["tokenizer_sample_bytes"]), vocab_size)
+    else:
+        try:
+            tok = load_tokenizer(tokenizer)
+        except (OSError, ValueError, ImportError) as e:
+            raise PrepareError(f"--tokenizer {tokenizer}: {type(e).__name__}: {str(e)[:300]}") from None
+    try:
+        check_roberta_layout(tok)
+    except ValueError as e:
+        raise PrepareError(f"--tokenizer {tokenizer}: {e}") from None
+    return tok
 
 
 def tokenizer_identity(tok_dir: Path, source: str) -> dict:

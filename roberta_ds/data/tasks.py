@@ -104,7 +104,12 @@ def run(stage: str, out: str, task: dict, params: dict) -> str:
         tmp = final.with_name(f"{stem}.{stage}.tmp-{HOST}-{os.getpid()}")
         _log(out_p, t.index, f"{stage} start {t.source} bytes [{t.start}, {t.end})")
         t0 = time.time()
-        summary = _sample(t, tmp, params) if stage == "sample" else _tokenize(t, tmp, params)
+        try:
+            summary = _sample(t, tmp, params) if stage == "sample" else _tokenize(t, tmp, params)
+        except OSError:  # our temp folder removed under us: only once another holder completed the task
+            if final.exists():
+                return "done"
+            raise
         _finish(tmp, final)
         _log(out_p, t.index, f"{stage} done in {time.time() - t0:.2f}s: {summary}")
         return "done"

@@ -79,3 +79,32 @@ def test_a_held_lock_beats_and_is_released_only_if_still_ours(tmp_path, monkeypa
         lock.unlink()
         lock.write_text("othernode 1 2")  # judged dead and taken over while we worked
     assert lock.read_text() == "othernode 1 2"  # not ours to remove
+
+
+def test_a_link_that_went_through_unseen_is_ours(tmp_path):
+    """On NFS a retried link whose first reply was lost fails with EEXIST although it made the lock:
+    the lock is ours (both names on one inode), not another holder's to wait for forever."""
+    lock = tmp_path / "task_00001.tokenize.lock"
+    part = lock.with_name(f"{lock.name}.{L.HOST}-{os.getpid()}")
+    part.write_text(L.me())
+    os.link(part, lock)  # the first link, done; its reply lost
+    assert L.claim(lock)
+    assert lock.read_text() == L.me() and not part.exists()
+
+
+def test_the_heartbeat_survives_a_missed_beat(tmp_path, monkeypatch):
+    """A waiter's takeover check may move the lock away for a moment: the beats go on after."""
+    monkeypatch.setattr(L, "HEARTBEAT_S", 0.05)
+    lock = tmp_path / "tokenizer.lock"
+    with L.held(lock) as ours:
+        assert ours
+        away = lock.with_name("moved")
+        lock.rename(away)
+        time.sleep(0.3)  # several beats miss
+        away.rename(lock)
+        old = time.time() - 100
+        os.utime(lock, (old, old))
+        deadline = time.time() + 10
+        while lock.stat().st_mtime < time.time() - 50 and time.time() < deadline:
+            time.sleep(0.02)
+        assert lock.stat().st_mtime > time.time() - 50

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -255,9 +256,35 @@ def test_a_dead_nodes_task_lock_is_named_then_taken_over_and_its_litter_removed(
     (litter / "train.bin").write_bytes(b"half")
     kw = {**ARGS, "tokenizer": str(one_worker / "tokenizer")}
     with caplog.at_level(logging.WARNING, logger=P.log.name):
-        prepare([str(corpus)], out, workers=1, task_bytes=1 << 20, **kw)
-    ref = prepare([str(corpus)], tmp_path / "ref", workers=1, task_bytes=1 << 20, **kw)
+        kw.update(workers=1, task_bytes=1 << 20)
+        run = threading.Thread(target=prepare, args=([str(corpus)], out), kwargs=kw, daemon=True)
+        run.start()
+        run.join(timeout=120)  # a takeover that never comes fails here instead of hanging the suite
+        assert not run.is_alive(), "the prepare still waits for the dead node's lock"
+    ref = prepare([str(corpus)], tmp_path / "ref", **kw)
     assert dataset_bytes(out) == dataset_bytes(ref)
     assert "waiting for tokenize task 1" in caplog.text and "host deadnode pid 77" in caplog.text
     assert "lock taken over from 'deadnode 77 4242'" in (out / "logs" / "task_00001.log").read_text()
     assert not litter.exists() and not list((out / "tasks").glob("*.lock*"))
+
+
+def test_a_published_tokenizer_is_used_and_never_replaced(corpus, one_worker, tmp_path):
+    """A holder of the tokenizer lock that published tokenizer/ and died before its completion mark
+    (or a second holder, after a takeover, that comes later) leaves a complete folder: the next one
+    uses it as it is, so nothing that workers may be reading is replaced."""
+    import shutil
+
+    kw = {**ARGS, "tokenizer": str(one_worker / "tokenizer"), "workers": 1, "task_bytes": 1 << 20}
+    ref = prepare([str(corpus)], tmp_path / "ref", **kw)
+    out = tmp_path / "ds"
+    shutil.copytree(ref, out)
+    for mark in ("metadata.json", "tokenizer_info.json"):  # as if killed after publishing tokenizer/
+        (out / mark).unlink()
+
+    def stamps():  # inode and mtime of each file: a rewrite changes them (an inode alone may be reused)
+        return {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in (out / "tokenizer").iterdir()}
+
+    before = stamps()
+    prepare([str(corpus)], out, **kw)
+    assert stamps() == before
+    assert dataset_bytes(out) == dataset_bytes(ref)
