@@ -81,7 +81,6 @@ def summarise(run: Path, stdout: str, total_seconds: float, info: dict) -> dict:
     return {
         **info,
         "cpu": cpu(),
-        "load_at_start": info.get("load_at_start"),
         "ds_config": ds_config[1] if ds_config else None,
         "train_seconds": int(train_s[1]) if train_s else None,
         "total_seconds": round(total_seconds),

@@ -206,7 +206,7 @@ def _claim_folder(out: Path, settings: dict) -> None:
         raise PrepareError(f"{out} exists, is not empty and has no metadata.json; refusing to write into it")
     for sub in ("tasks", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    part = out / f"settings.json.{T.HOST}-{os.getpid()}"
+    part = out / f"settings.json.{locks.HOST}-{os.getpid()}"
     part.write_text(json.dumps(settings, indent=1))
     try:
         os.link(part, target)
@@ -252,7 +252,7 @@ def _plan(out: Path, files: tuple | None, task_bytes: int) -> dict:
         "skipped_binary_files": skipped,
         "inputs": {t.source: _stamp(t.source) for t in tasks},
     }
-    part = out / f"tasks.json.{T.HOST}-{os.getpid()}"
+    part = out / f"tasks.json.{locks.HOST}-{os.getpid()}"
     part.write_text(json.dumps(plan, indent=1))
     part.replace(path)  # two planners write the same content
     return plan
@@ -282,7 +282,8 @@ def run_stage(stage: str, out: Path, tasks: list[Task], params: dict, workers: i
     if workers <= 1 or len(todo) <= 1:
         busy = [t for t in todo if _run_one(stage, out, t, params, bar) == "busy"]
         while busy:  # held by another process (another prepare, or an array task)
-            [wait_for(t) for t in busy]
+            for t in busy:
+                wait_for(t)
             time.sleep(1)
             busy = [t for t in busy if not done(t) and _run_one(stage, out, t, params, bar) == "busy"]
     elif todo:
@@ -404,7 +405,7 @@ def _make_tokenizer(out: Path, tokenizer: str, vocab_size: int, settings: dict, 
             if not final.is_dir():
                 raise
         else:
-            tmp = out / f"tokenizer.tmp-{T.HOST}-{os.getpid()}"
+            tmp = out / f"tokenizer.tmp-{locks.HOST}-{os.getpid()}"
             tok.save_pretrained(tmp)
             try:
                 tmp.rename(final)
@@ -425,7 +426,7 @@ def _make_tokenizer(out: Path, tokenizer: str, vocab_size: int, settings: dict, 
         },
         "tokenizer": tokenizer_identity(out / "tokenizer", tokenizer),
     }
-    part = out / f"tokenizer_info.json.{T.HOST}-{os.getpid()}"
+    part = out / f"tokenizer_info.json.{locks.HOST}-{os.getpid()}"
     part.write_text(json.dumps(info, indent=1))
     part.replace(out / "tokenizer_info.json")
     shutil.rmtree(out / "sample", ignore_errors=True)  # read by nobody once the tokenizer exists
@@ -508,7 +509,7 @@ def finalize(
             "phases": clock.phases,  # this run's; a resumed prepare's count only what it redid
         },
     }
-    part = out / f"metadata.json.{T.HOST}-{os.getpid()}"
+    part = out / f"metadata.json.{locks.HOST}-{os.getpid()}"
     part.write_text(json.dumps(meta, indent=1))
     try:  # written once: two processes that finish together keep the first one's (timings aside, equal)
         os.link(part, out / "metadata.json")

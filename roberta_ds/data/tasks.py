@@ -4,7 +4,7 @@ Layout under the dataset folder (see docs/data.md):
   tasks/task_00042/                 train.bin, valid.bin (token streams: doc + </s>, ...),
                                     {split}_doc_offsets.npy (int64 document starts), manifest.json
   tasks/task_00042.tokenize.lock    "host pid start" of the process working on it (locks.py)
-  tasks/task_00042.tmp-host-pid/    work in progress, renamed to task_00042/ when complete
+  tasks/task_00042.tokenize.tmp-host-pid/  work in progress, renamed to task_00042/ when complete
   sample/task_00042.jsonl           the tokenizer-training sample of the task ([hash, text] lines)
   logs/task_00042.log               one line per attempt and per completion
 
