@@ -13,7 +13,6 @@ not form (unreachable master, RDZV_TIMEOUT). Launchers may return others (torchr
 
 import argparse
 import logging
-import os
 import sys
 import time
 import warnings
@@ -115,19 +114,5 @@ def main(argv=None) -> int:
     return exit_status.record(code, msg or "train.py: done", run_dir)
 
 
-def exit_now(code: int) -> None:
-    """Leave without interpreter finalisation. DeepSpeed keeps its process groups referenced in
-    module globals, so gloo's worker threads outlive destroy_process_group() and can release tensors
-    while Python finalises, aborting a finished run (seen under mpirun, exit 134). Everything is
-    written and flushed by now (checkpoints, metrics.jsonl, DeepSpeed's monitors flush per write)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()  # mpirun treats a rank that exits without MPI_Finalize as failed
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    exit_now(main())
+    exit_status.exit_now(main())

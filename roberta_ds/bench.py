@@ -69,4 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "deepspeed" in sys.modules:
+        # DeepSpeed's module globals keep gloo's threads alive into finalisation, which can abort
+        # a finished run (SIGABRT: "terminate called without an active exception", seen in CI).
+        from roberta_ds.training.exit_status import exit_now
+
+        exit_now(code)
+    sys.exit(code)

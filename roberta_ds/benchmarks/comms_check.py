@@ -106,7 +106,7 @@ def measure_stage(stage: int, args, model_cfg) -> dict:
 
 def main(args) -> int:
     from roberta_ds.config import model_preset
-    from roberta_ds.training.distributed import init_distributed
+    from roberta_ds.training.distributed import init_distributed, shutdown
 
     init_distributed()
     model_cfg = model_preset(
@@ -129,5 +129,5 @@ def main(args) -> int:
             print(f"{head}, bytes logged / modelled per step: " + "; ".join(cells))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))
-    torch.distributed.barrier()
+    shutdown()  # then roberta_ds.bench leaves with exit_now, as train.py does
     return 0

@@ -177,7 +177,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(args) -> int:
-    from roberta_ds.training.distributed import init_distributed
+    from roberta_ds.training.distributed import init_distributed, shutdown
     from roberta_ds.training.ds_config import load_ds_config, precision
     from roberta_ds.training.metrics import peak_flops
 
@@ -229,4 +229,5 @@ def main(args) -> int:
     Path(args.csv).with_suffix(".json").write_text(json.dumps(rows, indent=2))
     if args.plot:
         plot(rows, Path(args.plot))
+    shutdown()  # then roberta_ds.bench leaves with exit_now, as train.py does
     return 0

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -105,3 +107,18 @@ def explain(e: BaseException, run_dir: str | Path | None, since: float) -> tuple
         except (OSError, ValueError, IndexError):
             pass
     return None
+
+
+def exit_now(code: int) -> None:
+    """Leave without interpreter finalisation (train.py, and the benchmarks that run DeepSpeed under
+    torchrun), after distributed.shutdown(). DeepSpeed keeps its process groups referenced in
+    module globals, so gloo's worker threads outlive destroy_process_group() and can release tensors
+    while Python finalises, aborting a finished run (seen under mpirun, exit 134). The caller has
+    written and closed everything (checkpoints, metrics.jsonl, DeepSpeed's monitors flush per write)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpirun treats a rank that exits without MPI_Finalize as failed
+    os._exit(code)
