@@ -2,8 +2,9 @@
 
 Runs train.py in this process (one rank, resuming a two-step run made first in a subprocess) under
 sys.setprofile and records each project function at its first call: a reader reads a function once.
-Two counts: the setup (up to the first training step) and the whole run. The stops are those first calls in order, in the application's files (train.py and roberta_ds/,
-without roberta_ds/model/, whose forward is the model's, not the run's corridor). It prints:
+Two counts: the setup (up to the first training step) and the whole run. The stops are those
+first calls in order, in the application's files (train.py and roberta_ds/, without
+roberta_ds/model/, whose forward is the model's, not the run's corridor). It prints:
 
   stops     functions read, in order
   files     distinct files visited
@@ -85,7 +86,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--config", args.config, "--deepspeed_config", args.deepspeed_config, "--run_dir", tmp]
         # a run to resume, with a checkpoint, in its own process (the run folder's lock is per process)
-        subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--max_steps", "2"], check=True, stdout=sys.stderr)
+        first = [sys.executable, str(ROOT / "train.py"), *common, "--max_steps", "2"]
+        subprocess.run(first, check=True, stdout=sys.stderr)
         stops = walk(common + ["--max_steps", "3", "--resume", "auto"])
     if args.list:
         for f, fn in stops:

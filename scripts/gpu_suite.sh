@@ -147,6 +147,7 @@ for s in "${STAGES[@]}"; do
   python roberta_ds/benchmarks/suite_summary.py "$OUT" "${STAGES[@]}" >/dev/null  # stdlib only: fast
 done
 echo "summary: $OUT/SUMMARY.md"
+((DRY)) || echo "publish it (bench_results/gpu/, README's headline): python -m roberta_ds.benchmarks.doc_tables --gpu-suite $OUT"
 missing=0
 for s in "${STAGES[@]}"; do [[ -f "$OUT/$s/DONE" ]] || missing=$((missing + 1)); done
 ((missing == 0))

@@ -90,3 +90,94 @@ def test_the_quickstart_figures_are_what_its_bench_renders_from_the_committed_js
         == (res / "quickstart.md").read_text()
     )
     assert "<!-- include: bench_results/quickstart.md -->" in (doc_tables.ROOT / "README.md").read_text()
+
+
+def _suite(out, env: dict, kernels: list[dict], e2e: list[dict]):
+    """A scripts/gpu_suite.sh OUT folder with rows as its benchmarks write them (append_csv)."""
+    import json
+
+    from roberta_ds.benchmarks.common import append_csv
+
+    (out / "env").mkdir(parents=True)
+    (out / "env" / "env.json").write_text(json.dumps(env))
+    (out / "env" / "DONE").touch()
+    (out / "SUMMARY.md").write_text("# GPU suite\n")
+    if kernels:
+        append_csv(out / "kernels" / "kernels.csv", kernels)
+    if e2e:
+        append_csv(out / "e2e_zero1" / "base.csv", e2e)
+        (out / "e2e_zero1" / "log.txt").write_text("ran\n")
+
+
+def test_a_gpu_suite_is_published_whole_and_gives_the_headline_its_gpu_row(tmp_path):
+    """`doc_tables --gpu-suite OUT`: the suite's results land in bench_results/gpu/ (markers left out),
+    README's GPU row is rendered from them, and a later suite replaces the earlier one whole."""
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(doc_tables.ROOT / "bench_results", root / "bench_results")
+    shutil.rmtree(root / "bench_results" / "gpu", ignore_errors=True)
+    (root / "README.md").write_text(f"<!-- include: {doc_tables.HEADLINE} -->\n<!-- end include -->\n")
+    doc_tables.sync(root)
+    assert doc_tables.GPU_ROW[1] in (root / "README.md").read_text()  # nothing measured yet
+
+    env = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "commit": "abc1234",
+           "date": "2026-12-04T00:00:00Z", "dry_run": False, "gpus": 1}  # fmt: skip
+    common = {"date": env["date"], "mode": "fwd+bwd"}
+    att = "base B32 S512 H12 D64 pad10%"
+    kernels = [
+        {**common, "kernel": "attention", "shape": att, "impl": "triton", "ms": 1.2, "tflops": 301.4},
+        {**common, "kernel": "attention", "shape": att, "impl": "sdpa-flash", "ms": 1.5, "tflops": 241.0},
+        {**common, "kernel": "attention", "shape": att, "impl": "sdpa-cudnn", "ms": 1.4, "tflops": 258.3},
+        {**common, "kernel": "attention", "shape": att, "impl": "eager", "ms": 6.0, "tflops": 60.0},
+        {**common, "kernel": "attention", "shape": "base B128 S128 H12 D64 pad10%", "impl": "sdpa-flash",
+         "ms": 0.1, "tflops": 1.0},  # another shape: not the headline's
+        {**common, "kernel": "linear_cross_entropy", "shape": "base N2457 D768 V50265", "impl": "eager",
+         "ms": 9.0, "speedup_vs_eager": 1.0},
+        {**common, "kernel": "linear_cross_entropy", "shape": "base N2457 D768 V50265",
+         "impl": "triton-fused", "ms": 2.5, "speedup_vs_eager": 3.6},
+    ]  # fmt: skip
+    e2e = [
+        {"date": env["date"], "impl": "ours-triton", "preset": "base", "seq_len": 512,
+         "tokens_per_s": 123456.0, "mfu": 0.4649},
+        {"date": env["date"], "impl": "hf-sdpa", "preset": "base", "seq_len": 512, "tokens_per_s": 61728.0,
+         "mfu": 0.2325},
+        {"date": env["date"], "impl": "hf-sdpa", "preset": "base", "seq_len": 128, "tokens_per_s": 1.0},
+    ]  # fmt: skip
+    first = tmp_path / "suite1"
+    _suite(first, env, kernels, e2e)
+    dest = doc_tables.publish_gpu_suite(first, root)
+    assert dest == root / doc_tables.GPU_DIR
+    copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert copied == ["SUMMARY.md", "e2e_zero1/base.csv", "e2e_zero1/log.txt", "env/env.json",
+                      "kernels/kernels.csv"]  # fmt: skip
+    readme = (root / "README.md").read_text()
+    assert doc_tables.GPU_ROW[1] not in readme
+    assert "measured on NVIDIA H200, bf16 (torch 2.11.0, triton 3.6.0, commit abc1234)" in readme
+    # 1.4 ms (cudnn, the fastest peer) / 1.2 ms = 1.1667; 123456 / 61728 = 2.00
+    assert "attention fwd+bwd (base, seq 512, 10% padding) 301 TFLOP/s, 1.17x the fastest SDPA backend " \
+           "(sdpa-cudnn)" in readme  # fmt: skip
+    assert "fused decoder + cross-entropy 3.60x full logits + F.cross_entropy" in readme
+    assert "base at seq 512, ZeRO-1: 123K tokens/s, 46% MFU, 2.00x transformers' SDPA model" in readme
+
+    second = tmp_path / "suite2"  # a later suite that got no kernel results: the old ones go with it
+    _suite(second, {**env, "commit": "def5678"}, [], e2e)
+    doc_tables.publish_gpu_suite(second, root)
+    assert not (dest / "kernels").exists() and "commit def5678" in (root / "README.md").read_text()
+    assert "TFLOP/s" not in (root / "README.md").read_text()
+
+
+@pytest.mark.parametrize("env", [{"dry_run": True, "gpus": 0}, {"dry_run": False, "gpus": 0}, None])
+def test_a_dry_run_or_gpu_less_suite_is_refused_and_nothing_is_published(tmp_path, env, capsys):
+    out = tmp_path / "suite"
+    if env is None:
+        out.mkdir()  # not a suite's folder at all
+        want = "no env/env.json"
+    else:
+        _suite(out, {"device": "CPU x2", "torch": "2.13", "triton": "3.9", "commit": "x", **env}, [], [])
+        want = "a dry run on CPU x2" if env["dry_run"] else "a run without a GPU on CPU x2"
+    with pytest.raises(doc_tables.SuiteError, match=want):
+        doc_tables.publish_gpu_suite(out, tmp_path)
+    assert not (tmp_path / doc_tables.GPU_DIR).exists()
+    assert doc_tables.main(["--gpu-suite", str(out)]) == 2
+    assert want in capsys.readouterr().err

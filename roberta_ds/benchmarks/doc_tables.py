@@ -9,8 +9,13 @@ after, so a re-measurement is one command; `python -m roberta_ds.benchmarks.doc_
 (and tests/test_docs.py) fails when a doc quotes an older output.
 
 README's headline table (bench_results/headline.md) is rendered here, by sync(), from the outputs
-the benchmarks write (sm90_before_after.json, scaling.csv, data_100mb.csv, data_4gb.csv): a headline
-figure is always the one its benchmark last wrote.
+the benchmarks write (sm90_before_after.json, scaling.csv, data_100mb.csv, data_4gb.csv, and the GPU
+suite's results under bench_results/gpu/): a headline figure is always the one its benchmark last wrote.
+
+  python -m roberta_ds.benchmarks.doc_tables [--check]   bring the docs up to date (or list the stale)
+  python -m roberta_ds.benchmarks.doc_tables --gpu-suite OUT
+      publish what `bash scripts/gpu_suite.sh OUT` measured on a GPU into bench_results/gpu/
+      (replacing the previous suite's results whole), then bring the docs up to date
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import csv
 import json
 import re
+import shutil
 import sys
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -31,6 +37,10 @@ INCLUDE = re.compile(
 
 class IncludeError(ValueError):
     pass
+
+
+class SuiteError(ValueError):
+    """A GPU suite's folder that cannot be published (not a suite's, a dry run, no GPU)."""
 
 
 def docs(root: Path = ROOT) -> list[Path]:
@@ -87,12 +97,45 @@ def publish(path: Path, text: str) -> Path:
 
 
 HEADLINE = "bench_results/headline.md"
+GPU_DIR = "bench_results/gpu"  # the latest published GPU suite (scripts/gpu_suite.sh OUT), whole
 GPU_ROW = [
     "measured kernel and end-to-end speed on a GPU",
     "not yet measured: no GPU has been lent to a session so far; `scripts/gpu_suite.sh` measures it all "
-    "in one call",
+    "in one call, and `doc_tables --gpu-suite` publishes it here",
     "[docs/performance.md](docs/performance.md)",
 ]
+SUITE_FILES = (".csv", ".json", ".md", ".png", ".txt", ".xml")  # results and logs, not the markers
+
+
+def publish_gpu_suite(out: Path, root: Path = ROOT) -> Path:
+    """Copy what `scripts/gpu_suite.sh OUT` left into root/bench_results/gpu/, replacing the previous
+    suite's results whole (built beside it, then swapped in by renames), and re-render the docs. A dry
+    run or a suite without a GPU is refused: its timings say nothing about a GPU."""
+    out = Path(out)
+    env = out / "env" / "env.json"
+    if not env.is_file():
+        raise SuiteError(f"{out}: no env/env.json, so not the folder of a scripts/gpu_suite.sh run")
+    info = json.loads(env.read_text())
+    if info.get("dry_run") or not info.get("gpus"):
+        raise SuiteError(
+            f"{env}: a {'dry run' if info.get('dry_run') else 'run without a GPU'} on {info.get('device')}; "
+            "only a suite measured on a GPU is published"
+        )
+    dest = root / GPU_DIR
+    tmp, old = dest.with_name(".gpu.tmp"), dest.with_name(".gpu.old")
+    for d in (tmp, old):
+        shutil.rmtree(d, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(out.rglob("*")):
+        if f.is_file() and f.suffix in SUITE_FILES:
+            (tmp / f.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, tmp / f.relative_to(out))
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    sync(root)
+    return dest
 
 
 def headline(root: Path = ROOT) -> str:
@@ -103,7 +146,8 @@ def headline(root: Path = ROOT) -> str:
         rows.append(_step_row(json.loads((res / "sm90_before_after.json").read_text())))
     if (res / "scaling.csv").is_file():
         rows.append(_scaling_row(_latest(res / "scaling.csv", "commit")))
-    rows.append(GPU_ROW)
+    gpu = res / "gpu"
+    rows.append(_gpu_row(gpu) if (gpu / "env" / "env.json").is_file() else GPU_ROW)
     if (res / "data_100mb.csv").is_file():
         big = _latest(res / "data_4gb.csv", "date") if (res / "data_4gb.csv").is_file() else []
         rows.append(_data_row(_latest(res / "data_100mb.csv", "date"), big))
@@ -180,6 +224,65 @@ def _data_row(rows: list[dict], big: list[dict]) -> list[str]:
     ]
 
 
+def _gpu_row(d: Path) -> list[str]:
+    """The published GPU suite's headline figures: attention and the fused decoder + cross-entropy
+    at base's shapes against their peers, and base at seq 512 end to end against transformers."""
+    info = json.loads((d / "env" / "env.json").read_text())
+    figs = []
+    if (d / "kernels" / "kernels.csv").is_file():
+        figs += _kernel_figs(_latest(d / "kernels" / "kernels.csv", "date"))
+    e2e = next((s for s in ("e2e_zero1", "e2e_zero2", "e2e_zero3") if (d / s / "base.csv").is_file()), None)
+    if e2e:
+        figs += _e2e_figs(_latest(d / e2e / "base.csv", "date"), e2e[-1])
+    return [
+        f"measured on {info['device']}, bf16 (torch {info['torch']}, triton {info['triton']}, "
+        f"commit {info['commit']})",
+        "; ".join(figs) or "no kernel or end-to-end results: see the suite's summary",
+        f"[{GPU_DIR}/SUMMARY.md]({GPU_DIR}/SUMMARY.md), [docs/performance.md](docs/performance.md)",
+    ]
+
+
+def _kernel_figs(rows: list[dict]) -> list[str]:
+    def at(kernel: str, shape: str) -> dict[str, dict]:
+        return {
+            r["impl"]: r
+            for r in rows
+            if r["kernel"] == kernel and r["shape"].startswith(shape) and r["mode"] == "fwd+bwd"
+        }
+
+    figs = []
+    att = at("attention", "base B32 S512")
+    peers = {i: r for i, r in att.items() if i.startswith("sdpa-")}
+    if "triton" in att and peers:
+        best = min(peers, key=lambda i: float(peers[i]["ms"]))
+        figs.append(
+            f"attention fwd+bwd (base, seq 512, 10% padding) {half_up(att['triton']['tflops'], 0)} TFLOP/s, "
+            f"{half_up(float(peers[best]['ms']) / float(att['triton']['ms']), 2)}x the fastest SDPA backend "
+            f"({best})"
+        )
+    head = at("linear_cross_entropy", "base")
+    if "triton-fused" in head and "eager" in head:
+        figs.append(
+            f"fused decoder + cross-entropy {half_up(head['triton-fused']['speedup_vs_eager'], 2)}x full "
+            "logits + F.cross_entropy"
+        )
+    return figs
+
+
+def _e2e_figs(rows: list[dict], stage: str) -> list[str]:
+    by = {r["impl"]: r for r in rows if r["preset"] == "base" and r["seq_len"] == "512"}
+    if "ours-triton" not in by:
+        return []
+    ours = by["ours-triton"]
+    fig = f"base at seq 512, ZeRO-{stage}: {half_up(ours['tokens_per_s'], 0, '0.001')}K tokens/s"
+    if ours.get("mfu"):
+        fig += f", {half_up(ours['mfu'], 0, 100)}% MFU"
+    if "hf-sdpa" in by:
+        ratio = float(ours["tokens_per_s"]) / float(by["hf-sdpa"]["tokens_per_s"])
+        fig += f", {half_up(ratio, 2)}x transformers' SDPA model"
+    return [fig]
+
+
 def _size(mb: str) -> str:
     return f"{half_up(float(mb) / 1000, 1)} GB" if float(mb) >= 1000 else f"{half_up(mb, 0)} MB"
 
@@ -199,12 +302,19 @@ def half_up(value, digits: int = 0, scale: int | str = 1) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m roberta_ds.benchmarks.doc_tables", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m roberta_ds.benchmarks.doc_tables",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--check", action="store_true", help="exit 1 if a doc quotes an older output")
+    ap.add_argument("--gpu-suite", metavar="OUT", help=f"publish a GPU suite's results into {GPU_DIR}/")
     args = ap.parse_args(argv)
     try:
+        if args.gpu_suite:
+            print(f"published {publish_gpu_suite(Path(args.gpu_suite)).relative_to(ROOT)}/")
         stale = sync(check=args.check)
-    except IncludeError as e:
+    except (IncludeError, SuiteError) as e:
         print(f"doc_tables: error: {e}", file=sys.stderr)
         return 2
     for doc in stale:
