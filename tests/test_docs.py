@@ -162,6 +162,10 @@ def test_a_gpu_suite_is_published_whole_and_gives_the_headline_its_gpu_row(tmp_p
 
     second = tmp_path / "suite2"  # a later suite that got no kernel results: the old ones go with it
     _suite(second, {**env, "commit": "def5678"}, [], e2e)
+    dest.rename(dest.with_name(".gpu.old"))  # as if a publish had been killed between its renames
+    with pytest.raises(doc_tables.SuiteError):
+        doc_tables.publish_gpu_suite(tmp_path / "not-a-suite", root)
+    assert (dest / "kernels" / "kernels.csv").is_file()  # the previous suite is back, whole
     doc_tables.publish_gpu_suite(second, root)
     assert not (dest / "kernels").exists() and "commit def5678" in (root / "README.md").read_text()
     assert "TFLOP/s" not in (root / "README.md").read_text()

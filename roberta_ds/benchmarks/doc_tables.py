@@ -111,7 +111,10 @@ def publish_gpu_suite(out: Path, root: Path = ROOT) -> Path:
     """Copy what `scripts/gpu_suite.sh OUT` left into root/bench_results/gpu/, replacing the previous
     suite's results whole (built beside it, then swapped in by renames), and re-render the docs. A dry
     run or a suite without a GPU is refused: its timings say nothing about a GPU."""
-    out = Path(out)
+    out, dest = Path(out), root / GPU_DIR
+    tmp, old = dest.with_name(".gpu.tmp"), dest.with_name(".gpu.old")
+    if old.exists() and not dest.exists():
+        old.rename(dest)  # a publish killed between its two renames: the previous suite comes back
     env = out / "env" / "env.json"
     if not env.is_file():
         raise SuiteError(f"{out}: no env/env.json, so not the folder of a scripts/gpu_suite.sh run")
@@ -121,8 +124,6 @@ def publish_gpu_suite(out: Path, root: Path = ROOT) -> Path:
             f"{env}: a {'dry run' if info.get('dry_run') else 'run without a GPU'} on {info.get('device')}; "
             "only a suite measured on a GPU is published"
         )
-    dest = root / GPU_DIR
-    tmp, old = dest.with_name(".gpu.tmp"), dest.with_name(".gpu.old")
     for d in (tmp, old):
         shutil.rmtree(d, ignore_errors=True)
     tmp.mkdir(parents=True)
