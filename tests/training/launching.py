@@ -40,9 +40,10 @@ class Launch:
     def out(self) -> str:
         return "".join(line for _, line in self.lines)
 
-    def wait_for_step(self, step: int, timeout: float = 180) -> None:
+    def wait_for_step(self, step: int, timeout: float = 300) -> None:
         """Until this launch has logged `step` (rows an earlier session logged past its last
         checkpoint do not count: a resumed run drops them when it starts logging)."""
+        # 180 s ran out for 40 steps of two ranks on an AVX2-only host, whose suite ran 1.5x slower
         deadline = time.time() + timeout
         metrics = self.run_dir / "metrics.jsonl"
         while time.time() < deadline and self.proc.poll() is None:

@@ -58,7 +58,7 @@ def test_sigkill_and_resume_reproduces_losses_exactly_with_deepspeed_launcher(re
         cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 180
+    deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and max(losses(metrics.parent), default=0) >= 13):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # no chance to save: resume must come from step 10's checkpoint
