@@ -312,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-suite", metavar="OUT", help=f"publish a GPU suite's results into {GPU_DIR}/")
     args = ap.parse_args(argv)
     try:
-        if args.gpu_suite:
+        if args.gpu_suite:  # publishing brings the docs up to date itself
             print(f"published {publish_gpu_suite(Path(args.gpu_suite)).relative_to(ROOT)}/")
+            return 0
         stale = sync(check=args.check)
     except (IncludeError, SuiteError) as e:
         print(f"doc_tables: error: {e}", file=sys.stderr)
