@@ -1,6 +1,24 @@
 import os
+import platform
 
-import torch
+
+# The CPU interpreter's tl.dot is numpy's matmul (OpenBLAS). The attention kernels' fp32 IEEE
+# cancellation rests on a dot summing the inner dimension in one order whatever the tile's shape or
+# orientation, as a GPU's fp32 dot does. OpenBLAS's FMA kernels, picked on AVX2 hosts (Haswell, Zen),
+# do not: a@b.T and (b@a.T).T differ by up to 7.6e-6 at 64 x 64; its AVX kernel (Sandybridge) does,
+# as its AVX-512 one does. Read when numpy loads, and torch imports numpy, so it goes first. Only
+# where the CPU has AVX: a kernel the CPU cannot run is an illegal instruction, not a fallback.
+def _has_avx() -> bool:
+    try:
+        return platform.machine() in ("x86_64", "AMD64") and " avx " in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+if _has_avx():
+    os.environ.setdefault("OPENBLAS_CORETYPE", "Sandybridge")
+
+import torch  # noqa: E402
 
 # Triton kernels run in the CPU interpreter when no GPU is present. This must be set before any
 # module defining @triton.jit functions is imported, so it lives at the very top of conftest.

@@ -88,9 +88,10 @@ FEW_KEYS = [(64, [64, 1]), (200, [200, 1]), (200, [1, 200]), (200, [2, 131]), (2
 def _dots_sum_in_one_order() -> bool:
     """Whether this backend's fp32 dot sums over the inner dimension in one order whatever the tile's
     shape and orientation, the premise of the kernels' IEEE cancellation (attention_kernels.py's
-    docstring). The Triton interpreter's tl.dot is numpy's matmul (BLAS): on the AVX-512 hosts these
-    tests were written on it is; on an AVX2-only host (OpenBLAS) a transposed or narrower product
-    rounds differently (seen 2026-12-04: 7.6e-6 apart at 64 x 64), and the remainder is the BLAS's."""
+    docstring). The Triton interpreter's tl.dot is numpy's matmul (BLAS): OpenBLAS's FMA kernels (AVX2
+    hosts) round a transposed or narrower product differently (7.6e-6 apart at 64 x 64), so
+    tests/conftest.py picks its AVX kernel, which does not; another BLAS may not, and then the
+    remainder is the BLAS's, not the kernels'."""
     if ON_GPU:
         return True
     import numpy as np

@@ -54,9 +54,9 @@ def test_sbatch_two_nodes_trains_with_world_size_four(cluster, kjv_dataset, tmp_
 @pytest.fixture(scope="module")
 def straight4(cluster, kjv_dataset, tmp_path_factory):
     """Per-step losses of an uninterrupted 4-rank job with the stopped jobs' schedule (max_steps
-    120), to step 30: what a stopped, requeued and resumed job must replay."""
+    60), to step 30: what a stopped, requeued and resumed job must replay."""
     tmp = tmp_path_factory.mktemp("straight4")
-    cfg = write_config(tmp / "run.yaml", kjv_dataset, tmp / "run", max_steps=120, save_every=0)
+    cfg = write_config(tmp / "run.yaml", kjv_dataset, tmp / "run", max_steps=60, save_every=0)
     ds = write_ds(tmp / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
     jid, log = submit(cluster, tmp, cfg, ds, env={"WANDB_MODE": "disabled"})
     deadline = time.time() + 300
@@ -83,7 +83,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(
 ):
     """The signal to every task of the job's steps, W&B offline on as the Quickstart has it: a
     checkpoint, a requeue, a resume that replays the uninterrupted job's losses."""
-    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run", max_steps=120, save_every=0)
+    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, tmp_path / "run", max_steps=60, save_every=0)
     cfg.write_text(cfg.read_text().replace("num_workers: 0", f"num_workers: {num_workers}"))
     ds = write_ds(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
     jid, log = submit(cluster, tmp_path, cfg, ds, env={"WANDB_MODE": "offline"})
@@ -100,7 +100,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(
     stopped = int(text.split("stopping at step ")[1].split(":")[0])
     assert f"resumed from {tmp_path}/run/checkpoints/step_{stopped:08d} at step {stopped}" in text
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
-    assert rows[-1]["step"] == 120 and stopped < 30
+    assert rows[-1]["step"] == 60 and stopped < 30
     assert {r["step"]: r["loss"] for r in rows if r["step"] <= 30} == straight4
 
 
@@ -196,7 +196,7 @@ def test_an_interactive_srun_is_killed_by_ctrl_c_and_sigterm_and_stopped_by_scan
     from tests.training.conftest import env, free_port
 
     run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, run_dir, max_steps=120, save_every=2)
+    cfg = write_config(tmp_path / "run.yaml", kjv_dataset, run_dir, max_steps=60, save_every=2)
     cfg.write_text(cfg.read_text().replace("num_workers: 0", "num_workers: 1"))
     ds = write_ds(tmp_path / "ds.json", train_batch_size=16, train_micro_batch_size_per_gpu=4)
 
