@@ -36,6 +36,7 @@ def extensions_dir() -> Path:
     """The folder torch's cpp_extension builds into: the virtualenv's by default (set in the
     environment, so DeepSpeed's own loads inside deepspeed.initialize use it too). A Python that
     is no virtualenv and cannot be written keeps torch's default (~/.cache/torch_extensions)."""
+    _own_ninja_first()
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
         if sys.prefix != sys.base_prefix or os.access(sys.prefix, os.W_OK):
             os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
@@ -44,6 +45,20 @@ def extensions_dir() -> Path:
 
             os.environ["TORCH_EXTENSIONS_DIR"] = get_default_build_root()
     return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def _own_ninja_first() -> None:
+    """torch's cpp_extension runs the first `ninja` on PATH, also just to load an op already built.
+    The virtualenv has its own (pip's, a DeepSpeed dependency), and a system one may differ in
+    version: ninja 1.13 and 1.11 record a build's command differently, so each takes the other's
+    build for a changed command and rebuilds (seen here: ~40 s for shm_comm on 2 cores each time a
+    run from the activated virtualenv followed `.venv/bin/python train.py` or the reverse), and
+    with no system ninja an unactivated run cannot load the op at all. The interpreter's folder
+    goes first on PATH where it holds a ninja."""
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
 
 
 def _try_lock(f) -> bool:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.training.conftest import ROOT, env, launch_cmd, write_config, write_ds
 
 
@@ -19,6 +21,33 @@ def test_ops_build_into_the_virtualenv_unless_told_otherwise(tmp_path):
     e["TORCH_EXTENSIONS_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True)
     assert out.stdout.strip() == str(tmp_path), out.stderr
+
+
+def test_a_process_started_without_activating_the_virtualenv_loads_the_built_op_as_is(tmp_path):
+    """`.venv/bin/python train.py` from a plain shell has no .venv/bin on PATH: torch would run the
+    system's ninja, which takes the virtualenv ninja's build for another command and rebuilds it
+    (or, with no system ninja, cannot load it). The op, loaded first as from the activated
+    virtualenv, is loaded again from a PATH without it, unchanged."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("NCCL on a GPU: this shm_comm op is CPU-only")
+    bindir = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(bindir, "ninja")):
+        pytest.skip("this Python's folder has no ninja (not a virtualenv made by scripts/setup.sh)")
+    ext = tmp_path / "ext"
+    built = ROOT / ".venv" / "torch_extensions" / "deepspeed_shm_comm"
+    if built.is_dir():  # scripts/setup.sh built it; else the first load builds it (~40 s on 2 cores)
+        shutil.copytree(built, ext / "deepspeed_shm_comm")
+    code = "from roberta_ds.training.op_builds import ensure_built; ensure_built(['shm_comm'])"
+    so = ext / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    stamps = []
+    for path in (os.pathsep.join([bindir, "/usr/bin", "/bin"]), os.pathsep.join(["/usr/bin", "/bin"])):
+        e = dict(env(), TORCH_EXTENSIONS_DIR=str(ext), PATH=path)
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True)
+        assert r.returncode == 0 and so.is_file(), r.stderr[-3000:]
+        stamps.append(so.stat().st_mtime_ns)
+    assert stamps[1] == stamps[0], "the op was built again"
 
 
 def test_a_run_after_a_build_killed_midway_starts_normally(kjv_dataset, tmp_path):
