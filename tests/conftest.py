@@ -10,7 +10,8 @@ import platform
 # where the CPU has AVX: a kernel the CPU cannot run is an illegal instruction, not a fallback.
 def _has_avx() -> bool:
     try:
-        return platform.machine() in ("x86_64", "AMD64") and " avx " in open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            return platform.machine() in ("x86_64", "AMD64") and " avx " in f.read()
     except OSError:
         return False
 

@@ -35,7 +35,8 @@ OPS = {"shm_comm": "ShareMemCommBuilder", "cpu_adam": "CPUAdamBuilder"}
 def extensions_dir() -> Path:
     """The folder torch's cpp_extension builds into: the virtualenv's by default (set in the
     environment, so DeepSpeed's own loads inside deepspeed.initialize use it too). A Python that
-    is no virtualenv and cannot be written keeps torch's default (~/.cache/torch_extensions)."""
+    is no virtualenv and cannot be written keeps torch's default (~/.cache/torch_extensions).
+    Called before any op loads, so it also puts this Python's ninja first on PATH (below)."""
     _own_ninja_first()
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
         if sys.prefix != sys.base_prefix or os.access(sys.prefix, os.W_OK):

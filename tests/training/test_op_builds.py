@@ -23,6 +23,15 @@ def test_ops_build_into_the_virtualenv_unless_told_otherwise(tmp_path):
     assert out.stdout.strip() == str(tmp_path), out.stderr
 
 
+def _copy_of_the_built_op(ext):
+    """A throwaway extensions folder holding the virtualenv's built shm_comm (scripts/setup.sh built
+    it), so a test loads it instead of compiling for a minute; else the test's first load builds it."""
+    built = ROOT / ".venv" / "torch_extensions" / "deepspeed_shm_comm"
+    if built.is_dir():
+        shutil.copytree(built, ext / "deepspeed_shm_comm")
+    return ext
+
+
 def test_a_process_started_without_activating_the_virtualenv_loads_the_built_op_as_is(tmp_path):
     """`.venv/bin/python train.py` from a plain shell has no .venv/bin on PATH: torch would run the
     system's ninja, which takes the virtualenv ninja's build for another command and rebuilds it
@@ -35,10 +44,7 @@ def test_a_process_started_without_activating_the_virtualenv_loads_the_built_op_
     bindir = os.path.dirname(sys.executable)
     if not os.path.isfile(os.path.join(bindir, "ninja")):
         pytest.skip("this Python's folder has no ninja (not a virtualenv made by scripts/setup.sh)")
-    ext = tmp_path / "ext"
-    built = ROOT / ".venv" / "torch_extensions" / "deepspeed_shm_comm"
-    if built.is_dir():  # scripts/setup.sh built it; else the first load builds it (~40 s on 2 cores)
-        shutil.copytree(built, ext / "deepspeed_shm_comm")
+    ext = _copy_of_the_built_op(tmp_path / "ext")
     code = "from roberta_ds.training.op_builds import ensure_built; ensure_built(['shm_comm'])"
     so = ext / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
     stamps = []
@@ -55,10 +61,7 @@ def test_a_run_after_a_build_killed_midway_starts_normally(kjv_dataset, tmp_path
     sleeps on it forever. The killed build is stood in for by that file (a real SIGKILL during
     the build was run by hand, docs/reliability.md), in a throwaway folder that holds the
     virtualenv's built op so the run loads it instead of compiling for a minute."""
-    ext = tmp_path / "ext"
-    built = ROOT / ".venv" / "torch_extensions" / "deepspeed_shm_comm"
-    if built.is_dir():  # scripts/setup.sh built it; else the run builds it (~60 s on 2 cores)
-        shutil.copytree(built, ext / "deepspeed_shm_comm")
+    ext = _copy_of_the_built_op(tmp_path / "ext")
     (ext / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
     stale = ext / "deepspeed_shm_comm" / "lock"
     stale.touch()
