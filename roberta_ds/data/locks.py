@@ -19,6 +19,7 @@ its own and a completed task is never rewritten (tasks._finish).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -80,6 +81,25 @@ def dead(pid: int, start: str | None = None) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def left_by_dead(path: Path, now: float) -> bool:
+    """Whether `path`, a lock (`*.lock`) or a work file named after its writer (`<name>.<host>-<pid>`,
+    `.tmp-<host>-<pid>` or `.stale-<host>-<pid>`: claim's part files, the stages' temp files and
+    folders), was left by a process that is dead (never, for a name of neither kind). A lock is judged by
+    is_stale; a work file of this host by its pid; another host's once untouched for STALE_S by `now`
+    (the filesystem's clock): a live writer renames its part files away within a moment."""
+    if path.name.endswith(".lock"):
+        return is_stale(path, now=now)
+    mine = re.search(rf"\.(?:tmp-|stale-)?{re.escape(HOST)}-(\d+)$", path.name)
+    if mine:
+        return dead(int(mine[1]))
+    if not re.search(r"\.\S+-\d+$", path.name):
+        return False
+    try:
+        return now - path.stat().st_mtime > STALE_S
+    except FileNotFoundError:
+        return False  # removed meanwhile by its writer
 
 
 def describe(lock: Path) -> str:

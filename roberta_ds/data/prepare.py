@@ -515,9 +515,8 @@ def finalize(
         os.link(part, out / "metadata.json")
     except FileExistsError:
         meta = json.loads((out / "metadata.json").read_text())
-    else:  # every task is complete: what is left of a dead holder's work (another host's) is litter
-        for junk in (out / "tasks").glob("task_*.tokenize.tmp-*"):
-            shutil.rmtree(junk, ignore_errors=True)
+    else:
+        _sweep(out)
     finally:
         part.unlink()
     log.info(
@@ -537,3 +536,15 @@ def finalize(
             report["replaced_characters"],
         )
     return meta
+
+
+def _sweep(out: Path) -> None:
+    """Remove what dead processes left beside the finished dataset `out`: a killed prepare's locks
+    (one of a task it had just completed included), part files and temp folders, and the tokenizer
+    sample. Every task is complete, so nothing works in a task's temp folder any more (another host's
+    included); a live process's locks and part files are its own to remove."""
+    now = (out / "metadata.json").stat().st_mtime  # the filesystem's clock, as lock ages are read
+    shutil.rmtree(out / "sample", ignore_errors=True)  # read by nobody once the tokenizer exists
+    for p in [*out.iterdir(), *(out / "tasks").iterdir()]:
+        if ".tokenize.tmp-" in p.name or locks.left_by_dead(p, now):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

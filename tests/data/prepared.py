@@ -1,6 +1,7 @@
-"""Helpers for the prepare tests: a real-text corpus, a dataset's bytes, block equality, and a
+"""Helpers for the prepare tests: a real-text corpus, a dataset's files by digest, block equality, and a
 format 1 folder made from a format 2 one (what `prepare` wrote before tasks existed)."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -22,17 +23,19 @@ def kjv_jsonl(path: Path, copies: int = 1) -> Path:
     return path
 
 
-def dataset_bytes(out: Path) -> dict[str, bytes]:
-    """Every file of the dataset (shards, offsets, manifests, tokenizer, index) by relative path;
-    metadata.json without its timings; logs left out (they name hosts, pids and times)."""
+def dataset_files(out: Path) -> dict[str, str]:
+    """Every file of the dataset (shards, offsets, manifests, tokenizer, index, and anything left
+    beside them) by relative path, as a SHA-256 of its bytes: two datasets compare equal when they
+    hold the same files with the same bytes, and a failure names the files instead of printing
+    megabytes. metadata.json without its timings; logs left out (they name hosts, pids and times)."""
     files = {}
     for p in sorted(out.rglob("*")):
         rel = str(p.relative_to(out))
         if p.is_file() and not rel.startswith("logs/") and rel != "metadata.json":
-            files[rel] = p.read_bytes()
+            files[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     meta = json.loads((out / "metadata.json").read_text())
     meta.pop("timings")
-    files["metadata.json"] = json.dumps(meta, sort_keys=True).encode()
+    files["metadata.json"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
     return files
 
 

@@ -18,7 +18,7 @@ import pytest
 import roberta_ds.data.prepare as P
 from roberta_ds.data.dataset import PackedDataset
 from roberta_ds.data.prepare import PrepareError, prepare
-from tests.data.prepared import ROOT, dataset_bytes, kjv_jsonl, same_blocks, write_v1
+from tests.data.prepared import ROOT, dataset_files, kjv_jsonl, same_blocks, write_v1
 
 ARGS = dict(vocab_size=400, seq_len=64, valid_fraction=0.05, progress=False, tokenizer_sample_bytes=400_000)
 
@@ -44,16 +44,16 @@ def one_task(corpus, one_worker, tmp_path_factory):
 
 
 def test_two_workers_and_task_groups_write_the_same_bytes(corpus, one_worker, tmp_path):
-    ref = dataset_bytes(one_worker)
+    ref = dataset_files(one_worker)
     meta = json.loads((one_worker / "metadata.json").read_text())
     assert meta["format_version"] == 2 and meta["report"]["tasks"] == -(-corpus.stat().st_size // (1 << 20))
     two = prepare([str(corpus)], tmp_path / "two", workers=2, task_bytes=1 << 20, **ARGS)
-    assert dataset_bytes(two) == ref
+    assert dataset_files(two) == ref
     groups = tmp_path / "groups"  # what a Slurm array of 3 tasks runs, then the finalize job
     for g in (2, 0, 1):
         prepare([str(corpus)], groups, workers=1, task_bytes=1 << 20, task_group=g, num_task_groups=3, **ARGS)
         assert (groups / "metadata.json").exists() == (g == 1)
-    assert dataset_bytes(groups) == ref
+    assert dataset_files(groups) == ref
 
 
 def test_sigkill_mid_prepare_then_rerun_is_byte_equal_and_keeps_finished_tasks(corpus, one_worker, tmp_path):
@@ -71,7 +71,7 @@ def test_sigkill_mid_prepare_then_rerun_is_byte_equal_and_keeps_finished_tasks(c
     done = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "tasks").glob("task_?????/*")}
     assert done
     prepare([str(corpus)], out, workers=1, task_bytes=1 << 20, **ARGS)
-    assert dataset_bytes(out) == dataset_bytes(one_worker)
+    assert dataset_files(out) == dataset_files(one_worker)
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in done} == done  # never rewritten
     assert not list((out / "tasks").glob("*.lock")) and not list((out / "tasks").glob("*.tmp-*"))
     # a finished dataset is reused as is
@@ -188,7 +188,7 @@ def test_second_prepare_of_the_same_folder_joins_or_refuses(corpus, one_worker, 
     assert other.returncode == 2 and other.stderr.count("prepare: error:") == 1
     assert "is being prepared with other settings" in other.stderr and "Traceback" not in other.stderr
     assert second.returncode == 0, second.stderr[-3000:]
-    assert dataset_bytes(out) == dataset_bytes(one_worker)
+    assert dataset_files(out) == dataset_files(one_worker)
 
 
 def test_builtin_style_format_1_folder_is_reused(one_worker, tmp_path):
@@ -219,7 +219,7 @@ def test_long_documents_tokenised_in_pieces_give_the_same_dataset(
     assert len(ps) > 10 and "".join(ps) == text and all(p.startswith(" ") for p in ps[1:])
     out = prepare([str(corpus)], tmp_path / "ds", workers=1, task_bytes=1 << 30,
                   **{**ARGS, "tokenizer": str(one_worker / "tokenizer")})  # fmt: skip
-    assert dataset_bytes(out) == dataset_bytes(one_task)  # the same ids, offsets and index
+    assert dataset_files(out) == dataset_files(one_task)  # the same ids, offsets and index
 
 
 def test_train_py_runs_on_a_many_task_dataset(corpus, one_worker, tmp_path):
@@ -262,7 +262,7 @@ def test_a_dead_nodes_task_lock_is_named_then_taken_over_and_its_litter_removed(
         run.join(timeout=120)  # a takeover that never comes fails here instead of hanging the suite
         assert not run.is_alive(), "the prepare still waits for the dead node's lock"
     ref = prepare([str(corpus)], tmp_path / "ref", **kw)
-    assert dataset_bytes(out) == dataset_bytes(ref)
+    assert dataset_files(out) == dataset_files(ref)
     assert "waiting for tokenize task 1" in caplog.text and "host deadnode pid 77" in caplog.text
     assert "lock taken over from 'deadnode 77 4242'" in (out / "logs" / "task_00001.log").read_text()
     assert not litter.exists() and not list((out / "tasks").glob("*.lock*"))
@@ -287,4 +287,57 @@ def test_a_published_tokenizer_is_used_and_never_replaced(corpus, one_worker, tm
     before = stamps()
     prepare([str(corpus)], out, **kw)
     assert stamps() == before
-    assert dataset_bytes(out) == dataset_bytes(ref)
+    assert dataset_files(out) == dataset_files(ref)
+
+
+def test_what_killed_processes_left_is_removed_when_the_dataset_is_finished(corpus, one_worker, tmp_path):
+    """A prepare killed between two steps leaves what it had in hand: the lock of a task it had just
+    completed (never looked at again: the task is done), a lock's part file (killed inside claim), a
+    lock moved aside in a takeover, part files of settings.json and tokenizer_info.json, a tokenizer
+    temp folder, the sample. The run that finishes the dataset removes them (CI once found a dataset
+    with one such file beside it after the SIGKILL test); a live process's files are left to it, and
+    another host's part file until it has been silent for STALE_S."""
+    import shutil
+
+    from roberta_ds.data import locks
+
+    out = tmp_path / "ds"
+    shutil.copytree(one_worker, out)
+    (out / "metadata.json").unlink()  # killed just before finalize
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    live = subprocess.Popen(["sleep", "120"])
+    host, dead, alive = locks.HOST, gone.pid, live.pid
+    litter = {
+        "tasks/task_00000.tokenize.lock": f"{host} {dead}",
+        f"tasks/task_00002.tokenize.lock.{host}-{dead}": f"{host} {dead}",
+        f"tasks/task_00001.tokenize.lock.stale-{host}-{dead}": f"{host} {dead}",
+        f"tasks/task_00003.tokenize.tmp-{host}-{dead}/train.bin": "half",
+        f"tokenizer.tmp-{host}-{dead}/vocab.json": "{}",
+        "tokenizer.lock": f"{host} {dead}",
+        f"tokenizer_info.json.{host}-{dead}": "{}",
+        f"settings.json.{host}-{dead}": "{}",
+        "sample/task_00000.jsonl": '[1, "text"]\n',
+        "tasks/task_00003.tokenize.lock": "deadnode 77",  # another host's, silent for > STALE_S
+        "tasks/task_00000.tokenize.lock.deadnode-77": "deadnode 77",
+    }
+    kept = {
+        "tasks/task_00001.tokenize.lock": f"{host} {alive}",  # a live process's: it releases its own
+        f"tasks.json.{host}-{alive}": "{}",
+        "tasks/task_00002.tokenize.lock.freshnode-5": "freshnode 5",  # another host's, just written
+    }
+    try:
+        for rel, text in {**litter, **kept}.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_text(text)
+        old = time.time() - locks.STALE_S - 60
+        for rel in ("tasks/task_00003.tokenize.lock", "tasks/task_00000.tokenize.lock.deadnode-77"):
+            os.utime(out / rel, (old, old))
+        prepare([str(corpus)], out, workers=1, task_bytes=1 << 20, **ARGS)
+        assert all((out / rel).read_text() == text for rel, text in kept.items())
+    finally:
+        live.kill()
+        live.wait()
+    left = {rel: digest for rel, digest in dataset_files(out).items() if rel not in kept}
+    assert left == dataset_files(one_worker)
+    assert not (out / "sample").exists() and not (out / f"tokenizer.tmp-{host}-{dead}").exists()

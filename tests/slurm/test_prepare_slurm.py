@@ -4,7 +4,7 @@ finalize job, gives the dataset a single local worker makes, byte for byte."""
 import pytest
 
 from roberta_ds.data.prepare import prepare
-from tests.data.prepared import ROOT, dataset_bytes, kjv_jsonl
+from tests.data.prepared import ROOT, dataset_files, kjv_jsonl
 
 pytestmark = pytest.mark.multiproc
 ARGS = ["--vocab-size", "400", "--seq-len", "64", "--valid-fraction", "0.05", "--task-bytes", str(1 << 20)]
@@ -27,4 +27,4 @@ def test_array_of_four_then_finalize_equals_one_local_worker(cluster, tmp_path):
     logs = "\n".join(p.read_text()[-1500:] for p in sorted(tmp_path.glob("prep-*.out")))
     assert info["JobState"] == "COMPLETED", logs
     assert len(list(tmp_path.glob(f"prep-{array}_*.out"))) == 4  # four array tasks ran
-    assert dataset_bytes(out) == dataset_bytes(local)
+    assert dataset_files(out) == dataset_files(local)

@@ -15,7 +15,7 @@ import yaml
 
 from roberta_ds.config import load_run_config
 from roberta_ds.training.resolve import resolve_run, write_run_folder
-from tests.data.prepared import ROOT, dataset_bytes, kjv_jsonl
+from tests.data.prepared import ROOT, dataset_files, kjv_jsonl
 from tests.training.conftest import write_config
 
 DS = str(ROOT / "ds_configs" / "cpu_zero1.json")
@@ -84,4 +84,4 @@ def test_every_rank_prepares_the_builtin_corpus_at_once_and_each_task_runs_once(
     tasks = json.loads((out / "tasks.json").read_text())["tasks"]
     assert sum("tokenize done" in line for line in done) == len(tasks)  # no task done twice
     assert not list(out.glob("metadata.json.*")) and not list(out.glob("tokenizer.tmp*"))
-    assert dataset_bytes(out) == dataset_bytes(alone)
+    assert dataset_files(out) == dataset_files(alone)
