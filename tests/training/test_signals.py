@@ -38,7 +38,10 @@ PREEMPTED_RC = {
     ("torchrun", "sigterm-to-the-launcher"): {1},
     ("torchrun", "sigterm-to-every-process"): {1},
     # the runner dies of the SIGTERM (a shell sees 143) and its ranks follow it out
-    ("deepspeed", "ctrl-c"): {-2},  # the runner dies of the SIGINT (a shell: 130)
+    # the runner dies of the SIGINT (a shell: 130), or now and then (1 of 3 full CI runs on 2 cores)
+    # exits 1, the code of its launch.py, whose own SIGINT handler exits 1: DeepSpeed's code, not
+    # ours; the stop itself (checkpoint, PREEMPTED, EXIT_STATUS) is asserted as for every launcher
+    ("deepspeed", "ctrl-c"): {-2, 1},
     ("deepspeed", "sigterm-to-the-launcher"): {-15},
     ("deepspeed", "sigterm-to-every-process"): {-15},
     ("mpirun", "ctrl-c"): {1},
