@@ -52,9 +52,9 @@ PREEMPTED_RC = {
 # forward a second SIGINT: it dies of it, and first kills its ranks with SIGKILL at the end of its
 # --shutdown_timeout (30 s by default), so they leave no verdict ("- running" reads as failed).
 ABORTED = {
-    "python": (130, 10, "130 aborted"),
-    "torchrun": (1, 45, "- running"),
-    "deepspeed": (-2, 10, "130 aborted"),
+    "python": ({130}, 10, "130 aborted"),
+    "torchrun": ({1}, 45, "- running"),
+    "deepspeed": ({-2, 1}, 10, "130 aborted"),  # -2, or 1 as after the first Ctrl-C
 }
 WANDB_OFFLINE = {"WANDB_MODE": "offline"}  # on, as the Quickstart has it: a logger must not decide
 
@@ -188,7 +188,7 @@ def test_every_stop_in_turn_checkpoints_exits_clearly_and_resuming_replays_the_s
         if how == "second-ctrl-c":
             out = run.out[-3000:]
             want_code, within_s, status = ABORTED[launcher]
-            assert code == want_code, out
+            assert code in want_code, out
             assert aborted_in < within_s, (aborted_in, out)
             assert (run_dir / "EXIT_STATUS").read_text().split("\n")[0] == status, out
             if status == "130 aborted":
